@@ -1,0 +1,80 @@
+"""Per-slot decoding state as explicit pytrees.
+
+Every leaf has the slot (batch row) axis first, so the engine can take, reset or
+replace slots with one ``tree_map`` whatever the architecture: a KV cache for
+attention models, conv + SSM state for Mamba. Every step returns the cache and the
+engine donates it to the next, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class KVCache:
+    """keys/values: one [slots, kv_heads, max_len, head_dim] array per layer; lengths: [slots]."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+    @classmethod
+    def init(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+             dtype: jnp.dtype) -> "KVCache":
+        shape = (slots, kv_heads, max_len, head_dim)
+        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+                   values=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+                   lengths=jnp.zeros((slots,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def with_layer(self, index: int, keys: jax.Array, values: jax.Array) -> "KVCache":
+        return KVCache(keys=self.keys[:index] + (keys,) + self.keys[index + 1:],
+                       values=self.values[:index] + (values,) + self.values[index + 1:],
+                       lengths=self.lengths)
+
+
+def write_positions(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter new [B, T, K, H] entries into a [B, K, S, H] layer at per-row positions [B, T].
+
+    Positions < 0 (padding) or >= S are dropped, so padding never reaches the cache
+    and a row can never overwrite another position by clamping.
+    """
+    slots, _, max_len, _ = cache_layer.shape
+    index = jnp.where(positions < 0, max_len, positions)                     # [B, T]
+    rows = jnp.broadcast_to(jnp.arange(slots)[:, None], index.shape)          # [B, T]
+    return cache_layer.at[rows, :, index, :].set(new.astype(cache_layer.dtype), mode="drop")
+
+
+def advance(lengths: jax.Array, positions: jax.Array) -> jax.Array:
+    """New per-row lengths after a step that wrote ``positions`` ([B, T], -1 = padding)."""
+    return jnp.maximum(lengths, jnp.max(positions, axis=1) + 1).astype(jnp.int32)
+
+
+def step_positions(lengths: jax.Array, valid: jax.Array, width: int) -> jax.Array:
+    """[B, width] positions continuing each row from its length; -1 past ``valid[b]`` tokens."""
+    offsets = jnp.arange(width, dtype=jnp.int32)[None, :]
+    return jnp.where(offsets < valid[:, None], lengths[:, None] + offsets, -1).astype(jnp.int32)
+
+
+def take_slots(cache, slots: jax.Array):
+    """The sub-cache of the given slot indices (any cache pytree)."""
+    return jax.tree_util.tree_map(lambda x: x[slots], cache)
+
+
+def put_slots(cache, slots: jax.Array, sub):
+    """Write a sub-cache back into the given slots (any cache pytree)."""
+    return jax.tree_util.tree_map(lambda x, y: x.at[slots].set(y), cache, sub)
+
+
+def reset_slots(cache, mask: jax.Array):
+    """Zero the lengths (and thereby the visible state) of slots where mask [B] is true."""
+    return jax.tree_util.tree_map(
+        lambda x: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x), cache)

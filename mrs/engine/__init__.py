@@ -1,0 +1,1 @@
+"""The engine: compiled steps, generation loops, batching and the loaded-model cache."""

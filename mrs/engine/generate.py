@@ -1,0 +1,213 @@
+"""generate(), stream() and generate_batch(): one prompt or a static batch, from
+prompt to finished text, over the model's compiled prefill/decode steps.
+
+A step is dispatched before the previous step's tokens are read back, so the host
+work of a step (detokenising, stop checks) overlaps the device work of the next.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from mrs.cache import step_positions
+from mrs.engine.steps import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket
+from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
+from mrs.sampling import SamplingParams
+from mrs.tokenizer import StreamDecoder
+
+Prompt = str | Sequence[int] | Sequence[dict]
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
+                 "presence_penalty", "frequency_penalty", "seed")
+
+
+@dataclass
+class Completion:
+    """A finished generation: text, generated ids, why it stopped, counts and timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str                      # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    logprobs: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def encode_prompt(model: Any, prompt: Prompt, system: str | None = None) -> list[int]:
+    """A str (raw text), a list of token ids, or chat messages -> token ids."""
+    tokenizer = model.tokenizer
+    if isinstance(prompt, str):
+        if system is not None:
+            return encode_prompt(model, [{"role": "system", "content": system},
+                                         {"role": "user", "content": prompt}])
+        if tokenizer is None:
+            raise MrsError(f"model {model.name} has no tokenizer.json; pass token ids instead")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        for m in prompt:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str):
+                raise InvalidParameterError("messages", m, "a list of {'role': str, 'content': str}")
+        messages = list(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+        if tokenizer is None:
+            raise MrsError(f"model {model.name} has no tokenizer.json, so it cannot render chat messages")
+        ids = tokenizer.encode_chat(messages)
+    elif isinstance(prompt, (Sequence, np.ndarray)) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        ids = [int(t) for t in prompt]
+        if any(t < 0 or t >= model.vocab_size for t in ids):
+            raise InvalidParameterError("prompt", "token ids", f"ids in [0, {model.vocab_size})")
+    else:
+        raise InvalidParameterError("prompt", type(prompt).__name__,
+                                    "a string, a list of token ids, or a list of chat messages")
+    if not ids:
+        raise InvalidParameterError("prompt", prompt, "non-empty (it encodes to no tokens)")
+    return ids
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) for s in stops):
+        raise InvalidParameterError("stop", stop, "a string or a list of strings")
+    return tuple(s for s in stops if s)
+
+
+class _Row:
+    """One request's output state: tokens, text, stop-string holdback, finish."""
+
+    def __init__(self, model: Any, prompt_len: int, max_tokens: int, stops: tuple[str, ...], ignore_eos: bool):
+        self.decoder = StreamDecoder(model.tokenizer) if model.tokenizer else None
+        self.eos = frozenset() if ignore_eos else model.eos_ids
+        self.prompt_len, self.max_tokens, self.stops = prompt_len, max_tokens, stops
+        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.emitted = 0
+        self.finish: str | None = None
+
+    def add(self, token: int, logprob: float) -> str:
+        """Take one sampled token; return the text that is now safe to show."""
+        if token in self.eos:
+            self.finish = "stop"
+        else:
+            self.ids.append(token)
+            self.logprobs.append(logprob)
+            if self.decoder:
+                self.text += self.decoder.push(token)
+            if len(self.ids) >= self.max_tokens:
+                self.finish = "length"
+        if self.finish and self.decoder:
+            self.text += self.decoder.flush()
+        if self.stops:
+            window = self.text[max(0, self.emitted - self.holdback):]
+            hits = [i for i in (window.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[:max(0, self.emitted - self.holdback) + min(hits)]
+                self.finish = "stop"
+        upto = len(self.text) if self.finish else max(self.emitted, len(self.text) - self.holdback)
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
+
+
+def _sampling_rows(count: int, sampling: dict) -> SamplingParams:
+    unknown = set(sampling) - set(SAMPLING_KEYS)
+    if unknown:
+        raise InvalidParameterError(sorted(unknown)[0], sampling[sorted(unknown)[0]],
+                                    f"one of the sampling options {', '.join(SAMPLING_KEYS)}")
+    # Rows sharing a seed get the same key: a row's tokens equal its batch-1 run.
+    return SamplingParams.stack([SamplingParams.make(**sampling) for _ in range(count)])
+
+
+def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=None, system: str | None = None,
+        ignore_eos: bool = False, **sampling: Any) -> Iterator[tuple[int, str] | list[Completion]]:
+    """The generation loop: yields (row, text piece) as text appears, then the list of Completions."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise InvalidParameterError("max_tokens", max_tokens, "an integer >= 1")
+    if not prompts:
+        raise InvalidParameterError("prompts", prompts, "a non-empty list")
+    stops = _stop_strings(stop)
+    params = _sampling_rows(len(prompts), sampling)
+    encoded = [encode_prompt(model, p, system) for p in prompts]
+    context = model.context_length
+    longest = max(len(ids) for ids in encoded)
+    if longest >= context:
+        raise ContextLengthError(f"prompt of {longest} tokens does not fit the context of {context} tokens "
+                                 "(leaving room for at least one new token)")
+    new_tokens = min(int(max_tokens), context - longest)
+    rows = [_Row(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos) for ids in encoded]
+    batch = len(encoded)
+    max_len = bucket(longest + new_tokens, MIN_CACHE_BUCKET, context)
+    width = bucket(longest, MIN_PROMPT_BUCKET, max_len)
+    tokens = np.zeros((batch, width), np.int32)
+    history = np.full((batch, max_len), -1, np.int32)
+    for b, ids in enumerate(encoded):
+        tokens[b, :len(ids)] = ids
+        history[b, max_len - len(ids):] = ids
+    lengths = jnp.asarray([len(ids) for ids in encoded], jnp.int32)
+    steps = model.steps
+    cache = model.init_cache(batch, max_len)
+    positions = step_positions(jnp.zeros((batch,), jnp.int32), lengths, width)
+    started = time.perf_counter()
+    step = jnp.zeros((batch,), jnp.int32)
+    result, cache = steps.prefill(model.params, jnp.asarray(tokens), positions, cache, params,
+                                  jnp.asarray(history), step)
+    history = jnp.asarray(history)
+    current = result
+    sampled = np.asarray(current.tokens)
+    prefill_done = time.perf_counter()
+    for n in range(new_tokens):
+        pending = None
+        if n + 1 < new_tokens and not all(r.finish for r in rows):
+            step = step + 1
+            pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step)
+        logprobs = np.asarray(current.logprobs)
+        for b, row in enumerate(rows):
+            if row.finish is None:
+                piece = row.add(int(sampled[b]), float(logprobs[b]))
+                if piece:
+                    yield b, piece
+        if pending is None or all(r.finish for r in rows):
+            break
+        current = pending
+        sampled = np.asarray(current.tokens)
+    finished = time.perf_counter()
+    for row in rows:
+        row.finish = row.finish or "length"
+    yield [Completion(text=r.text, token_ids=r.ids, finish_reason=r.finish, prompt_tokens=r.prompt_len,
+                      completion_tokens=len(r.ids), prompt_seconds=prefill_done - started,
+                      decode_seconds=finished - prefill_done, logprobs=r.logprobs) for r in rows]
+
+
+def generate_batch(model: Any, prompts: Sequence[Prompt], **options: Any) -> list[Completion]:
+    """Generate for several prompts in one batch; each row equals its batch-1 run."""
+    for event in run(model, prompts, **options):
+        if isinstance(event, list):
+            return event
+    raise AssertionError("generation loop ended without a result")
+
+
+def generate(model: Any, prompt: Prompt, **options: Any) -> Completion:
+    """Generate a completion for one prompt (str, token ids, or chat messages)."""
+    return generate_batch(model, [prompt], **options)[0]
+
+
+def stream(model: Any, prompt: Prompt, **options: Any) -> Iterator[str]:
+    """Yield text pieces for one prompt as they are decoded (never half a character)."""
+    for event in run(model, [prompt], **options):
+        if not isinstance(event, list):
+            yield event[1]

@@ -1,0 +1,67 @@
+"""Jitted steps over (params, cache): forward for research, prefill and decode for
+generation, with sampling fused in so a step returns tokens, not logits.
+
+Shapes are the only static inputs: batch (slots), prompt bucket, cache length and
+the history window. Sampling values are arrays, so new values never recompile. The
+cache is donated, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mrs.sampling import SampleResult, SamplingParams, sample
+
+MIN_PROMPT_BUCKET = 16
+MIN_CACHE_BUCKET = 256
+
+
+def bucket(n: int, minimum: int, cap: int) -> int:
+    """Smallest power-of-two multiple of ``minimum`` holding n, capped at ``cap``."""
+    size = minimum
+    while size < n:
+        size *= 2
+    return max(min(size, cap), min(n, cap))
+
+
+def push_history(history: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Append tokens [B] to the right-aligned history window [B, W]."""
+    return jnp.concatenate([history[:, 1:], tokens[:, None].astype(history.dtype)], axis=1)
+
+
+class Steps:
+    """The compiled functions of one model (shared by every caller of that model)."""
+
+    def __init__(self, model: Any, num_top: int = 0):
+        graphdef = model.graphdef
+        self.num_top = num_top
+
+        def forward(params, tokens, positions, cache):
+            """All-position logits [B, T, V] (float32) and the updated cache."""
+            logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache)
+            return logits.astype(jnp.float32), cache
+
+        def prefill(params, tokens, positions, cache, sampling: SamplingParams, history, step):
+            """Run prompts [B, T] (positions -1 = padding) and sample each row's first token."""
+            logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache, last_only=True)
+            return sample(logits[:, 0], sampling, history, step, num_top=num_top), cache
+
+        def decode(params, tokens, cache, sampling: SamplingParams, history, step):
+            """Feed each row's last token [B] at its own position; sample the next."""
+            positions = cache.lengths[:, None]
+            logits, cache = nnx.merge(graphdef, params)(tokens[:, None], positions, cache)
+            history = push_history(history, tokens)
+            result: SampleResult = sample(logits[:, 0], sampling, history, step, num_top=num_top)
+            return result, cache, history
+
+        self.forward = jax.jit(forward, donate_argnums=(3,))
+        self.prefill = jax.jit(prefill, donate_argnums=(3,))
+        self.decode = jax.jit(decode, donate_argnums=(2, 4))
+
+    def compiled_count(self) -> int:
+        """How many distinct compilations these steps hold (for no-recompile tests)."""
+        return sum(f._cache_size() for f in (self.forward, self.prefill, self.decode))

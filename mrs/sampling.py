@@ -1,0 +1,256 @@
+"""Next-token sampling for every generation path, one jitted function for a whole batch.
+
+Each row of a batch is a different request with its own temperature, top-k, seed and
+penalties. They travel as per-row arrays in a `SamplingParams` pytree, never as static
+arguments, so a new value never recompiles: `sample_jit` compiles once per
+(batch, vocab, history window, num_top) shape.
+
+Processing order for each row (that of transformers' `generate`, with OpenAI's
+presence/frequency penalties after the repetition penalty):
+
+1. logit bias is added (as HF's SequenceBias, which runs before its penalties);
+2. repetition penalty, HF `RepetitionPenaltyLogitsProcessor`: a logit of a token seen in
+   the window becomes ``l * p`` if ``l < 0`` else ``l / p``;
+3. presence/frequency penalty, OpenAI: ``l -= frequency * count + presence * (count > 0)``
+   with counts over the same window (the last `repeat_last_n` tokens of `history`);
+4. temperature (greedy rows use 1), then top-k, top-p, min-p as HF's warpers
+   (ties at a cut are all kept; at least the most likely token always survives);
+5. greedy rows (temperature 0) take the argmax, the others draw from
+   ``softmax(processed)`` with the key ``fold_in(key_row, step_row)``.
+
+Returned log-probabilities are ``log_softmax`` of the processed logits of step 4, the
+distribution actually sampled from (for greedy rows: at temperature 1, filtered).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrs.errors import InvalidParameterError
+
+# Ollama's defaults, except repeat_penalty: Ollama uses 1.1, mrs 1.0 (off), as
+# transformers and OpenAI do, so that a default request is not silently penalised.
+DEFAULTS = MappingProxyType({
+    "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0,
+    "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+})
+# Log-prob reported for alternatives outside the filtered support: JSON has no -inf.
+FILTERED_LOGPROB = -1e30
+MAX_NUM_TOP = 20
+_MIN_TEMPERATURE = 1e-6  # below this a positive temperature acts as this (greedy-like)
+_INT32_MAX = 2**31 - 1
+_PRNG_IMPL = "threefry2x32"
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters of a batch, one entry per row (request)."""
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_k: jax.Array  # [B] int32, 0 = off; >= vocab = off
+    top_p: jax.Array  # [B] float32, 1 = off
+    min_p: jax.Array  # [B] float32, 0 = off
+    repeat_penalty: jax.Array  # [B] float32, 1 = off
+    repeat_last_n: jax.Array  # [B] int32 window of history seen; -1 = all, 0 = none
+    presence_penalty: jax.Array  # [B] float32
+    frequency_penalty: jax.Array  # [B] float32
+    key: jax.Array  # [B, 2] uint32 raw threefry key data, from the request's seed
+
+    @classmethod
+    def make(cls, *, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None,
+             repeat_penalty: float | None = None, repeat_last_n: int | None = None,
+             presence_penalty: float | None = None, frequency_penalty: float | None = None,
+             seed: int | None = None) -> SamplingParams:
+        """Validate one request's parameters (None = `DEFAULTS`) into a batch of one row.
+
+        `seed` None draws a fresh random seed; any other int is taken modulo 2**64 and
+        gives the key ``jax.random.PRNGKey(seed)`` would give with 64-bit seeds enabled.
+        """
+        given = (temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                 presence_penalty, frequency_penalty)
+        v = {name: DEFAULTS[name] if value is None else value
+             for name, value in zip(DEFAULTS, given, strict=True)}
+        f32, i32 = np.float32, np.int32
+        return cls(
+            temperature=_row(_real("temperature", v["temperature"], lambda x: x >= 0,
+                                   "a finite number >= 0 (0 = greedy)"), f32),
+            top_k=_row(_int("top_k", v["top_k"], 0, "an integer >= 0 (0 = off)"), i32),
+            top_p=_row(_real("top_p", v["top_p"], lambda x: 0 < x <= 1,
+                             "a number in (0, 1] (1 = off)"), f32),
+            min_p=_row(_real("min_p", v["min_p"], lambda x: 0 <= x <= 1,
+                             "a number in [0, 1] (0 = off)"), f32),
+            repeat_penalty=_row(_real("repeat_penalty", v["repeat_penalty"], lambda x: x > 0,
+                                      "a finite number > 0 (1 = off)"), f32),
+            repeat_last_n=_row(_int("repeat_last_n", v["repeat_last_n"], -1,
+                                    "an integer >= -1 (-1 = whole history, 0 = none)"), i32),
+            presence_penalty=_row(_real("presence_penalty", v["presence_penalty"],
+                                        lambda x: -2 <= x <= 2, "a number in [-2, 2]"), f32),
+            frequency_penalty=_row(_real("frequency_penalty", v["frequency_penalty"],
+                                         lambda x: -2 <= x <= 2, "a number in [-2, 2]"), f32),
+            key=jnp.asarray(seed_key_data(seed)[None]),
+        )
+
+    @classmethod
+    def stack(cls, rows: Sequence[SamplingParams]) -> SamplingParams:
+        """Concatenate rows (each a batch of any size) into one batch, on the host."""
+        if not rows:
+            raise ValueError("SamplingParams.stack needs at least one row")
+        return jax.tree.map(lambda *a: jnp.asarray(np.concatenate([np.asarray(x) for x in a])),
+                            *rows)
+
+    def replace_row(self, i: int, row: SamplingParams) -> SamplingParams:
+        """A copy with row `i` set to the one-row `row` (for a continuous batcher's slots)."""
+        if row.batch_size != 1 or not 0 <= i < self.batch_size:
+            raise ValueError(f"replace_row needs a one-row SamplingParams and 0 <= i < "
+                             f"{self.batch_size}, got {row.batch_size} rows and i={i}")
+        return _set_row(self, i, row)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows."""
+        return self.temperature.shape[0]
+
+
+@jax.jit
+def _set_row(params: SamplingParams, i: jax.Array, row: SamplingParams) -> SamplingParams:
+    # `i` is traced, so a continuous batcher's slot changes never recompile.
+    return jax.tree.map(lambda a, r: a.at[i].set(r[0]), params, row)
+
+
+class SampleResult(NamedTuple):
+    """Next tokens, their log-probs, and the `num_top` most likely alternatives."""
+
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] float32, of the chosen token under the processed logits
+    top_ids: jax.Array  # [B, N] int32, most likely first
+    top_logprobs: jax.Array  # [B, N] float32, FILTERED_LOGPROB outside the support
+
+
+def seed_key_data(seed: int | None) -> np.ndarray:
+    """Raw threefry key data [2] uint32 for a seed (None: a fresh random one)."""
+    if seed is None:
+        seed = secrets.randbits(63)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise InvalidParameterError("seed", seed, "an integer (or None for a random seed)")
+    s = int(seed) % 2**64  # threefry seeds a 64-bit value as [high 32 bits, low 32 bits]
+    return np.array([s >> 32, s & 0xFFFFFFFF], dtype=np.uint32)
+
+
+def process_logits(logits: jax.Array, params: SamplingParams, history: jax.Array,
+                   logit_bias: jax.Array | None = None) -> jax.Array:
+    """[B, V] logits -> the [B, V] float32 logits sampled from (-inf outside the support)."""
+    x = logits.astype(jnp.float32)
+    if logit_bias is not None:
+        x = x + logit_bias.astype(jnp.float32)
+    x = _penalize(x, params, history)
+    t = jnp.where(params.temperature == 0, 1.0, jnp.maximum(params.temperature,
+                                                             _MIN_TEMPERATURE))
+    return _filter(x / t[:, None], params)
+
+
+def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: jax.Array,
+           *, num_top: int = 0, logit_bias: jax.Array | None = None) -> SampleResult:
+    """Pick each row's next token; see the module docstring for the order of operations.
+
+    logits [B, V] any float dtype; history [B, W] int32 recent tokens, right-aligned (most
+    recent last), -1 where empty; step [B] int32 tokens generated so far by each request
+    (the draw uses ``fold_in(key_row, step_row)``, so a request's stream does not depend
+    on its batch); logit_bias optional [B, V]; num_top (static, 0..20) alternatives.
+    """
+    if not 0 <= num_top <= MAX_NUM_TOP:
+        raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
+    z = process_logits(logits, params, history, logit_bias)  # [B, V]
+    keys = jax.vmap(_draw_key)(params.key, jnp.asarray(step, jnp.int32))
+    drawn = jax.vmap(jax.random.categorical)(keys, z)
+    tokens = jnp.where(params.temperature == 0, jnp.argmax(z, axis=-1), drawn)
+    tokens = tokens.astype(jnp.int32)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    if num_top:
+        top_lp, top_ids = jax.lax.top_k(logp, num_top)
+    else:
+        top_lp = jnp.zeros((z.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((z.shape[0], 0), jnp.int32)
+    top_lp = jnp.where(jnp.isfinite(top_lp), top_lp, FILTERED_LOGPROB)
+    return SampleResult(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+sample_jit = jax.jit(sample, static_argnames=("num_top",))
+
+
+def _penalize(x: jax.Array, params: SamplingParams, history: jax.Array) -> jax.Array:
+    """Repetition (HF), then presence and frequency (OpenAI) penalties over the window."""
+    (B, V), W = x.shape, history.shape[1]
+    n = jnp.where(params.repeat_last_n < 0, W, params.repeat_last_n)  # [B]
+    history = history.astype(jnp.int32)
+    in_window = (jnp.arange(W)[None, :] >= W - n[:, None]) & (history >= 0)  # [B, W]
+    ids = jnp.where(in_window, history, V)  # V (and ids >= V) fall off the scatter
+    counts = jnp.zeros((B, V), jnp.float32).at[jnp.arange(B)[:, None], ids].add(
+        1.0, mode="drop")  # [B, V]
+    seen = counts > 0
+    p = params.repeat_penalty[:, None]
+    x = jnp.where(seen, jnp.where(x < 0, x * p, x / p), x)
+    return (x - params.frequency_penalty[:, None] * counts
+            - params.presence_penalty[:, None] * seen)
+
+
+def _filter(x: jax.Array, params: SamplingParams) -> jax.Array:
+    """HF's TopK, TopP, MinP warpers (min_tokens_to_keep=1), with one sort over the vocab."""
+    V = x.shape[-1]
+    ninf = jnp.float32(-jnp.inf)
+    asc = jnp.sort(x, axis=-1)  # [B, V] ascending, as HF's TopP sorts
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, V), V)
+    kth = jnp.take_along_axis(asc, (V - k)[:, None], axis=-1)  # k-th largest, [B, 1]
+    x, asc = jnp.where(x >= kth, x, ninf), jnp.where(asc >= kth, asc, ninf)
+    # Top-p: drop the low tail whose cumulative mass is <= 1 - top_p; keep the top token.
+    cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+    drop = (cum <= (1 - params.top_p)[:, None]) & (jnp.arange(V) < V - 1)
+    cut = jnp.take_along_axis(asc, jnp.argmin(drop, axis=-1)[:, None], axis=-1)
+    x = jnp.where((x >= cut) | (params.top_p >= 1)[:, None], x, ninf)
+    probs = jax.nn.softmax(x, axis=-1)
+    keep = probs >= params.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, x, ninf)
+
+
+def _draw_key(key_data: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=_PRNG_IMPL), step)
+
+
+def _row(value: float, dtype: type) -> jax.Array:
+    return jnp.asarray(np.array([value], dtype=dtype))
+
+
+def _real(name: str, value: object, ok: Callable[[float], bool], valid: str) -> float:
+    """A finite real number (no bool, no NaN) for which `ok` holds, else the typed error."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidParameterError(name, value, valid)
+    try:
+        x = float(value)
+    except OverflowError:  # an int too large for a float
+        raise InvalidParameterError(name, value, valid) from None
+    if not (math.isfinite(x) and ok(x)):
+        raise InvalidParameterError(name, value, valid)
+    return x
+
+
+def _int(name: str, value: object, lowest: int, valid: str) -> int:
+    """An integer >= `lowest` (an integral float such as JSON's 40.0 counts), capped to int32."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        x = int(value)
+    else:
+        x = int(_real(name, value, float.is_integer, valid))
+    if x < lowest:
+        raise InvalidParameterError(name, value, valid)
+    return min(x, _INT32_MAX)  # top_k / repeat_last_n beyond int32 mean "everything"

@@ -1,0 +1,125 @@
+"""safetensors checkpoints (single file or sharded) -> a flat {name: array} of params.
+
+Tensors are read through safetensors' memory map one at a time and cast straight to
+the target dtype, so peak host memory stays near one tensor beyond the result.
+Pickle checkpoints are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from mrs.errors import WeightsError
+
+INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index} is not a valid safetensors index: {e}") from e
+        files = {name: folder / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise WeightsError(f"shard {file.name} listed in {INDEX} is missing from {folder}")
+        return files
+    singles = sorted(folder.glob("*.safetensors"))
+    if not singles:
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        if pickles:
+            raise WeightsError(
+                f"{folder} only has pickle checkpoints ({', '.join(pickles)}); mrs refuses them because "
+                "unpickling can run arbitrary code — convert to safetensors first"
+            )
+        raise WeightsError(f"no *.safetensors files in {folder}")
+    files: dict[str, Path] = {}
+    for file in singles:
+        for name in _open(file, ExitStack()).keys():
+            files[name] = file
+    return files
+
+
+def _open(file: Path, stack: ExitStack):
+    try:
+        return stack.enter_context(safe_open(str(file), framework="numpy"))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"cannot read {file.name}: {e} (truncated or corrupt download? pull it again)") from e
+
+
+def iter_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) for every tensor in the checkpoint, memory-mapped."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in checkpoint_files(folder).items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with ExitStack() as stack:
+            handle = _open(file, stack)
+            available = set(handle.keys())
+            for name in names:
+                if name not in available:
+                    raise WeightsError(f"tensor {name} is listed in the index but missing from {file.name}")
+                try:
+                    yield name, handle.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise WeightsError(f"cannot read tensor {name} from {file.name}: {e}") from e
+
+
+def load_params(
+    folder: Path,
+    expected: Mapping[str, jax.ShapeDtypeStruct],
+    dtype: jnp.dtype,
+    rename: Callable[[str, np.ndarray], Iterator[tuple[str, np.ndarray]]] | None = None,
+    ignore: Callable[[str], bool] = lambda name: False,
+    tied: Mapping[str, str] | None = None,
+) -> dict[str, jax.Array]:
+    """Read the checkpoint into arrays for exactly the names and shapes in ``expected``.
+
+    ``rename`` maps one checkpoint tensor to zero or more model tensors (a family's
+    key map); ``ignore`` names checkpoint tensors that are fine to drop (buffers such
+    as rotary ``inv_freq``); ``tied`` fills a missing name from another (tied embeddings).
+    Float tensors are cast to ``dtype``; others keep theirs.
+    """
+    params: dict[str, jax.Array] = {}
+    unexpected: list[str] = []
+    for ckpt_name, array in iter_tensors(folder):
+        pairs = rename(ckpt_name, array) if rename else [(ckpt_name, array)]
+        for name, value in pairs:
+            if name not in expected:
+                if not ignore(ckpt_name):
+                    unexpected.append(ckpt_name)
+                continue
+            want = expected[name]
+            if tuple(value.shape) != tuple(want.shape):
+                raise WeightsError(
+                    f"tensor {ckpt_name} has shape {tuple(value.shape)}, but this config expects "
+                    f"{tuple(want.shape)} for {name} — does config.json match the weights?"
+                )
+            target = dtype if jnp.issubdtype(want.dtype, jnp.floating) else want.dtype
+            params[name] = jnp.asarray(value, dtype=target)
+    for name, source in (tied or {}).items():
+        if name not in params and source in params:
+            params[name] = params[source]
+    missing = sorted(set(expected) - set(params))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise WeightsError(f"checkpoint in {folder} is missing tensors: {', '.join(missing[:5])}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise WeightsError(
+            f"checkpoint in {folder} has tensors this architecture does not use: "
+            f"{', '.join(sorted(unexpected)[:5])}{more} — is config.json the right one?"
+        )
+    return params

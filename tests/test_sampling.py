@@ -1,0 +1,425 @@
+"""mrs.sampling: per-row parameters, HF/OpenAI semantics, seeds, distribution, no recompiles.
+
+Shapes stay fixed (B=4 rows, V=64 tokens, W=16 history) so hypothesis draws reuse one
+compilation. Random logits are continuous normals, so ties have probability zero; where
+float rounding could flip a filter at its boundary, the oracle test rejects that draw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from mrs.errors import InvalidParameterError
+from mrs.sampling import (
+    DEFAULTS,
+    FILTERED_LOGPROB,
+    SamplingParams,
+    process_logits,
+    sample_jit,
+)
+
+B, V, W, NUM_TOP = 4, 64, 16, 5
+SETTINGS = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+process_jit = jax.jit(process_logits)
+
+row_strategy = st.fixed_dictionaries({
+    "temperature": st.one_of(st.just(0.0), st.floats(0.05, 3.0)),
+    "top_k": st.one_of(st.just(0), st.integers(1, V + 10)),
+    "top_p": st.one_of(st.just(1.0), st.floats(0.05, 1.0)),
+    "min_p": st.one_of(st.just(0.0), st.floats(0.0, 0.5)),
+    "repeat_penalty": st.one_of(st.just(1.0), st.floats(0.5, 2.0)),
+    "repeat_last_n": st.integers(-1, W + 4),
+    "presence_penalty": st.floats(-2.0, 2.0),
+    "frequency_penalty": st.floats(-2.0, 2.0),
+    "seed": st.integers(0, 2**64 - 1),
+})
+rows_strategy = st.lists(row_strategy, min_size=B, max_size=B)
+inputs_strategy = st.tuples(st.integers(0, 2**32 - 1), st.floats(0.1, 8.0))
+
+
+def make_batch(rows: list[dict]) -> SamplingParams:
+    return SamplingParams.stack([SamplingParams.make(**r) for r in rows])
+
+
+def make_inputs(seed: int, scale: float, n_rows: int = B) -> tuple[np.ndarray, np.ndarray]:
+    """Random [n, V] logits and [n, W] right-aligned histories that repeat likely tokens."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n_rows, V)) * scale).astype(np.float32)
+    history = np.full((n_rows, W), -1, np.int32)
+    for r in range(n_rows):
+        n = int(rng.integers(0, W + 1))
+        likely = np.argsort(-logits[r])[:8]
+        pool = np.where(rng.random(n) < 0.5, rng.choice(likely, n), rng.integers(0, V, n))
+        history[r, W - n:] = pool
+    return logits, history
+
+
+def field(params: SamplingParams, name: str) -> np.ndarray:
+    return np.asarray(getattr(params, name))
+
+
+def window_counts(params: SamplingParams, history: np.ndarray, r: int) -> np.ndarray:
+    n = int(field(params, "repeat_last_n")[r])
+    window = history[r, W - (W if n < 0 else min(n, W)):]
+    return np.bincount(window[window >= 0], minlength=V).astype(np.float32)
+
+
+def penalized_ref(logits: np.ndarray, params: SamplingParams, history: np.ndarray):
+    """Repetition (HF formula), then presence/frequency (OpenAI formula), in float32."""
+    out = logits.astype(np.float32).copy()
+    for r in range(len(out)):
+        c = window_counts(params, history, r)
+        p = field(params, "repeat_penalty")[r]
+        x = np.where(c > 0, np.where(out[r] < 0, out[r] * p, out[r] / p), out[r])
+        out[r] = (x - field(params, "frequency_penalty")[r] * c
+                  - field(params, "presence_penalty")[r] * (c > 0).astype(np.float32))
+    return out
+
+
+def tempered_ref(logits, params, history) -> np.ndarray:
+    t = field(params, "temperature")
+    return penalized_ref(logits, params, history) / np.where(t == 0, 1, t)[:, None]
+
+
+def softmax(y: np.ndarray) -> np.ndarray:
+    e = np.exp(y - y.max())
+    return e / e.sum()
+
+
+def filtered_probs_ref(y: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Definitions, in float64: k largest; smallest set of mass >= top_p; p >= min_p*max."""
+    y = y.astype(np.float64)
+    keep = np.ones(len(y), bool)
+    if 0 < top_k < len(y):
+        keep &= y >= np.sort(y)[::-1][top_k - 1]
+    p = softmax(np.where(keep, y, -np.inf))
+    if top_p < 1:
+        keep &= np.array([p[p > pi].sum() < top_p for pi in p])
+    p = softmax(np.where(keep, y, -np.inf))
+    keep &= p >= min_p * p.max()
+    return softmax(np.where(keep, y, -np.inf))
+
+
+def run(logits, params, history, step, **kw):
+    out = sample_jit(logits, params, history, np.asarray(step, np.int32), num_top=NUM_TOP, **kw)
+    return [np.asarray(a) for a in out]
+
+
+@SETTINGS
+@given(rows_strategy, inputs_strategy)
+def test_result_is_a_valid_token_with_logprobs_of_the_processed_logits(rows, inputs):
+    params, (logits, history) = make_batch(rows), make_inputs(*inputs)
+    logp = np.asarray(jax.nn.log_softmax(process_jit(logits, params, history), axis=-1))
+    for step in range(4):
+        tokens, lp, top_ids, top_lp = run(logits, params, history, [step] * B)
+        assert tokens.dtype == np.int32 and ((tokens >= 0) & (tokens < V)).all()
+        assert np.isfinite(lp).all() and np.isfinite(top_lp).all()
+        np.testing.assert_allclose(lp, logp[np.arange(B), tokens], rtol=1e-5, atol=1e-5)
+        expected = np.take_along_axis(logp, top_ids, axis=1)
+        np.testing.assert_allclose(top_lp, np.where(np.isfinite(expected), expected,
+                                                    FILTERED_LOGPROB), rtol=1e-5, atol=1e-5)
+        assert (np.diff(top_lp, axis=1) <= 0).all()
+        assert (top_ids[:, 0] == logp.argmax(axis=1)).all()
+
+
+@SETTINGS
+@given(rows_strategy, inputs_strategy)
+def test_top_k_one_is_argmax(rows, inputs):
+    rows = [{**r, "top_k": 1} for r in rows]
+    params, (logits, history) = make_batch(rows), make_inputs(*inputs)
+    argmax = penalized_ref(logits, params, history).argmax(axis=1)
+    for step in range(4):
+        assert (run(logits, params, history, [step] * B)[0] == argmax).all()
+
+
+@SETTINGS
+@given(rows_strategy, inputs_strategy)
+def test_temperature_zero_is_argmax_of_the_penalized_logits(rows, inputs):
+    rows = [{**r, "temperature": 0.0} for r in rows]
+    params, (logits, history) = make_batch(rows), make_inputs(*inputs)
+    argmax = penalized_ref(logits, params, history).argmax(axis=1)
+    for step in range(4):
+        assert (run(logits, params, history, [step] * B)[0] == argmax).all()
+
+
+@SETTINGS
+@given(rows_strategy, inputs_strategy)
+def test_tokens_outside_top_k_nucleus_or_min_p_are_never_sampled(rows, inputs):
+    params, (logits, history) = make_batch(rows), make_inputs(*inputs)
+    y = tempered_ref(logits, params, history)
+    for step in range(8):
+        tokens = run(logits, params, history, [step] * B)[0]
+        for r, tok in enumerate(tokens):
+            k, top_p = int(field(params, "top_k")[r]), float(field(params, "top_p")[r])
+            if k > 0:
+                assert (y[r] > y[r, tok]).sum() < k
+            in_k = y[r] >= (np.sort(y[r])[::-1][k - 1] if 0 < k < V else -np.inf)
+            p = softmax(np.where(in_k, y[r], -np.inf).astype(np.float64))
+            assert p[p > p[tok]].sum() < top_p + 1e-5  # inside the nucleus
+            ratio = math.exp(float(y[r, tok]) - float(y[r].max()))  # p / max(p)
+            assert ratio >= field(params, "min_p")[r] - 1e-5
+
+
+@SETTINGS
+@given(rows_strategy, inputs_strategy)
+def test_processed_logits_equal_transformers_logits_processors(rows, inputs):
+    params, (logits, history) = make_batch(rows), make_inputs(*inputs)
+    ours = np.asarray(process_jit(logits, params, history))
+    for r in range(B):
+        scores = torch.from_numpy(logits[r:r + 1].copy())
+        counts = window_counts(params, history, r)
+        seen = torch.from_numpy(np.flatnonzero(counts))[None]
+        penalty = float(field(params, "repeat_penalty")[r])
+        if seen.numel():
+            scores = RepetitionPenaltyLogitsProcessor(penalty)(seen, scores)
+        scores = (scores - float(field(params, "frequency_penalty")[r]) * torch.from_numpy(counts)
+                  - float(field(params, "presence_penalty")[r])
+                  * torch.from_numpy((counts > 0).astype(np.float32)))
+        t, k = float(field(params, "temperature")[r]), int(field(params, "top_k")[r])
+        top_p, min_p = float(field(params, "top_p")[r]), float(field(params, "min_p")[r])
+        ids = torch.zeros((1, 1), dtype=torch.long)
+        if t > 0:
+            scores = TemperatureLogitsWarper(t)(ids, scores)
+        if k > 0:
+            scores = TopKLogitsWarper(k)(ids, scores)
+        if top_p < 1:  # reject draws where float rounding could flip the nucleus boundary
+            cum = np.cumsum(np.sort(softmax(scores[0].double().numpy())))
+            assume(np.abs(cum - (1 - top_p)).min() > 1e-5)
+            scores = TopPLogitsWarper(top_p)(ids, scores)
+        ratio = softmax(scores[0].double().numpy())
+        assume(np.abs(ratio / ratio.max() - min_p).min() > 1e-5)
+        expected = MinPLogitsWarper(min_p)(ids, scores)[0].numpy()
+        np.testing.assert_array_equal(np.isfinite(ours[r]), np.isfinite(expected))
+        np.testing.assert_allclose(ours[r], expected, rtol=1e-6, atol=1e-6)
+
+
+@SETTINGS
+@given(rows_strategy, rows_strategy, inputs_strategy, inputs_strategy, st.integers(0, B - 1))
+def test_changing_one_row_never_changes_another_rows_result(rows, others, inputs, other_inputs,
+                                                            j):
+    (logits, history), (logits2, history2) = make_inputs(*inputs), make_inputs(*other_inputs)
+    steps = np.arange(B) * 3
+    before = run(logits, make_batch(rows), history, steps)
+    rows[j] = others[j]
+    logits[j], history[j], steps[j] = logits2[j], history2[j], 99
+    after = run(logits, make_batch(rows), history, steps)
+    keep = np.arange(B) != j
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a[keep], b[keep])
+
+
+def stream(params: SamplingParams, slot: int, seed: int, n_steps: int = 12) -> list:
+    """Tokens of the request in `slot` over `n_steps` steps, the other rows churning."""
+    rng, out = np.random.default_rng(seed), []
+    for step in range(n_steps):
+        logits, history = make_inputs(1000 + step, 3.0, params.batch_size)
+        step_vec = rng.integers(0, 1000, params.batch_size).astype(np.int32)
+        step_vec[slot] = step
+        logits[slot] = make_inputs(step, 3.0, 1)[0][0]
+        history[slot] = make_inputs(step, 3.0, 1)[1][0]
+        tokens, lp, _, _ = run(logits, params, history, step_vec)
+        out.append((int(tokens[slot]), float(lp[slot])))
+    return out
+
+
+REQUEST = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 1234}
+
+
+def test_same_seed_gives_the_same_tokens_and_another_seed_does_not():
+    first = stream(make_batch([REQUEST] * B), 0, seed=0)
+    assert stream(make_batch([REQUEST] * B), 0, seed=0) == first
+    assert stream(make_batch([{**REQUEST, "seed": 4321}] * B), 0, seed=0) != first
+
+
+def test_token_stream_does_not_depend_on_which_requests_share_the_batch():
+    request = SamplingParams.make(**REQUEST)
+    alone = stream(request, 0, seed=0)
+    neighbours = make_batch([{**REQUEST, "seed": s, "temperature": 0.7} for s in range(B)])
+    assert stream(neighbours.replace_row(2, request), 2, seed=1) == alone
+    assert stream(neighbours.replace_row(0, request), 0, seed=2) == alone
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    """Survival function of the chi-square distribution (series of the lower gamma)."""
+    a, x = df / 2, stat / 2
+    term = total = 1 / a
+    n = 0
+    while term > 1e-17 * total:
+        n += 1
+        term *= x / (a + n)
+        total += term
+    return max(0.0, 1 - total * math.exp(-x + a * math.log(x) - math.lgamma(a)))
+
+
+def test_empirical_frequencies_match_the_filtered_renormalised_distribution():
+    assert math.isclose(chi2_sf(3.0, 2), math.exp(-1.5), rel_tol=1e-9)  # closed form, df=2
+    n = 20000
+    configs = [
+        {"temperature": 0.7, "top_k": 12, "top_p": 1.0, "seed": 7},
+        {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.05, "repeat_penalty": 1.3,
+         "presence_penalty": 0.5, "frequency_penalty": 0.3, "repeat_last_n": 8, "seed": 8},
+    ]
+    logits, history = make_inputs(0, 2.0, 1)
+    one = make_batch(configs)
+    y = tempered_ref(np.repeat(logits, 2, axis=0), one, np.repeat(history, 2, axis=0))
+    params = SamplingParams.stack([one] * n)  # rows alternate between the two configs
+    tokens = run(np.repeat(logits, 2 * n, axis=0), params, np.repeat(history, 2 * n, axis=0),
+                 np.repeat(np.arange(n), 2))[0]
+    for c, cfg in enumerate(configs):
+        expected = n * filtered_probs_ref(y[c], cfg["top_k"], cfg["top_p"],
+                                          cfg.get("min_p", 0.0))
+        counts = np.bincount(tokens[c::2], minlength=V)
+        support = expected > 0
+        assert counts[~support].sum() == 0 and expected[support].min() >= 5
+        stat = (((counts - expected) ** 2)[support] / expected[support]).sum()
+        assert chi2_sf(stat, int(support.sum()) - 1) > 1e-6
+        unfiltered = n * softmax(y[c].astype(np.float64))  # the test can tell them apart
+        assert chi2_sf((((counts - unfiltered) ** 2) / unfiltered).sum(), V - 1) < 1e-6
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Yield a list that grows by one per XLA backend compilation inside the block."""
+    compiled: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_changing_parameter_values_after_warm_up_triggers_no_compilation():
+    logits, history = make_inputs(0, 2.0)
+    bias = np.zeros((B, V), np.float32)
+    params = make_batch([{}] * B)
+    run(logits, params.replace_row(0, SamplingParams.make()), history, [0] * B, logit_bias=bias)
+    variants = [
+        {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 1.0, "seed": 2**63},
+        {"temperature": 1e-3, "top_k": 1, "top_p": 0.01, "repeat_penalty": 10.0,
+         "repeat_last_n": -1, "presence_penalty": 2.0, "frequency_penalty": -2.0},
+        {"temperature": 5.0, "top_k": 2**31 - 1, "top_p": 0.5, "min_p": 0.2,
+         "repeat_penalty": 0.1, "repeat_last_n": 0, "seed": 0},
+        {"temperature": 1, "top_k": V + 1, "repeat_last_n": 2**40, "seed": -5},
+    ]
+    with count_compilations() as compiled:
+        for i, v in enumerate(variants):
+            params = params.replace_row(i % B, SamplingParams.make(**v))
+            bias[i % B, i] = -np.inf if i % 2 else 3.0
+            logits, history = make_inputs(i, 1.0 + i)
+            run(logits, params, history, [i] * B, logit_bias=bias)
+            run(logits, make_batch([v] * B), history, np.arange(B) + i, logit_bias=bias)
+    assert compiled == []
+
+
+def test_penalties_count_only_the_last_repeat_last_n_tokens():
+    history = np.full((B, W), -1, np.int32)
+    history[:, -5:] = [3, 9, 9, 3, 5]  # most recent last
+    logits = np.zeros((B, V), np.float32)
+    logits[:, [3, 5, 9]] = [2.0, -2.0, 4.0]
+    base = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 2.0,
+            "presence_penalty": 0.5, "frequency_penalty": 0.25}
+    params = make_batch([{**base, "repeat_last_n": n} for n in (2, 0, -1, 64)])
+    out = np.asarray(process_jit(logits, params, history))
+    # last 2 = [3, 5]: 3 -> 2/2 - 0.25 - 0.5, 5 -> -2*2 - 0.25 - 0.5; 9 untouched
+    assert out[0, [3, 5, 9]].tolist() == [0.25, -4.75, 4.0]
+    assert out[1, [3, 5, 9]].tolist() == [2.0, -2.0, 4.0]  # 0: no penalty at all
+    for r in (2, 3):  # -1 and more than the window: all of it, 3 and 9 twice
+        assert out[r, [3, 5, 9]].tolist() == [1.0 - 1.0, -4.75, 2.0 - 1.0]
+    assert (out[:, 10:] == 0).all()
+
+
+def test_logit_bias_is_added_before_the_penalties_and_can_ban_a_token():
+    logits, history = np.zeros((B, V), np.float32), np.full((B, W), -1, np.int32)
+    logits[:, 7], history[:, -1] = -1.0, 7
+    bias = np.zeros((B, V), np.float32)
+    bias[:, 7] = 4.0
+    rows = [{"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 2.0}] * B
+    out = np.asarray(process_jit(logits, make_batch(rows), history, bias))
+    assert out[0, 7] == 1.5  # (-1 + 4) / 2, not -1 * 2 + 4
+    bias[:, :] = 0.0
+    bias[:, :V // 2] = -np.inf
+    params = make_batch([{"temperature": 2.0, "top_k": 0, "top_p": 1.0, "seed": s}
+                         for s in range(B)])
+    for step in range(10):
+        assert (run(logits, params, history, [step] * B, logit_bias=bias)[0] >= V // 2).all()
+
+
+def test_top_logprobs_outside_the_filtered_support_are_a_large_finite_negative():
+    logits, history = make_inputs(3, 2.0)
+    params = make_batch([{"top_k": 2, "top_p": 1.0, "seed": s} for s in range(B)])
+    _, _, top_ids, top_lp = run(logits, params, history, [0] * B)
+    assert (top_lp[:, 2:] == np.float32(FILTERED_LOGPROB)).all()
+    assert np.isfinite(top_lp).all() and (top_lp[:, :2] > -100).all()
+    assert all(len(set(r)) == NUM_TOP for r in top_ids.tolist())
+
+
+def test_make_fills_defaults_and_derives_keys_from_seeds():
+    p = SamplingParams.make(seed=5)
+    assert p.batch_size == 1
+    for name, value in DEFAULTS.items():
+        assert field(p, name)[0] == np.asarray(value, field(p, name).dtype)
+    assert field(p, "temperature").dtype == np.float32 and field(p, "top_k").dtype == np.int32
+    np.testing.assert_array_equal(field(p, "key")[0],
+                                  jax.random.key_data(jax.random.PRNGKey(5)))
+    assert field(SamplingParams.make(seed=2**63), "key")[0].tolist() == [2**31, 0]
+    assert field(SamplingParams.make(seed=2**40 + 3), "key")[0].tolist() == [2**8, 3]
+    assert field(SamplingParams.make(seed=-1), "key")[0].tolist() == [2**32 - 1] * 2
+    assert field(SamplingParams.make(), "key").tolist() != field(SamplingParams.make(),
+                                                                 "key").tolist()
+    accepted = SamplingParams.make(temperature=np.float32(0), top_k=40.0, top_p=1, min_p=1,
+                                   repeat_last_n=-1, presence_penalty=-2, seed=np.int64(3))
+    assert field(accepted, "top_k")[0] == 40
+
+
+def test_stack_and_replace_row_touch_only_their_rows():
+    params = make_batch([{"seed": s, "temperature": 0.1 * s} for s in range(B)])
+    new = SamplingParams.make(temperature=0.0, top_k=3, seed=99)
+    replaced = params.replace_row(2, new)
+    for name in DEFAULTS.keys() | {"key"}:
+        old, got = field(params, name), field(replaced, name)
+        np.testing.assert_array_equal(got[[0, 1, 3]], old[[0, 1, 3]])
+        np.testing.assert_array_equal(got[2], field(new, name)[0])
+    with pytest.raises(ValueError):
+        params.replace_row(B, new)
+    with pytest.raises(ValueError):
+        params.replace_row(0, params)
+
+
+@pytest.mark.parametrize(("name", "value", "valid"), [
+    ("temperature", -0.1, ">= 0"), ("temperature", float("nan"), ">= 0"),
+    ("temperature", float("inf"), "finite"), ("temperature", "hot", ">= 0"),
+    ("top_k", -1, ">= 0"), ("top_k", 2.5, "integer"), ("top_k", True, "integer"),
+    ("top_k", float("nan"), "integer"),
+    ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"), ("top_p", float("nan"), "(0, 1]"),
+    ("min_p", -0.1, "[0, 1]"), ("min_p", 1.1, "[0, 1]"),
+    ("repeat_penalty", 0.0, "> 0"), ("repeat_penalty", float("inf"), "> 0"),
+    ("repeat_last_n", -2, ">= -1"), ("repeat_last_n", "64", ">= -1"),
+    ("presence_penalty", 2.5, "[-2, 2]"), ("frequency_penalty", -3, "[-2, 2]"),
+    ("frequency_penalty", float("nan"), "[-2, 2]"),
+    ("seed", 1.5, "integer"), ("seed", "42", "integer"), ("seed", True, "integer"),
+])
+def test_out_of_range_or_mistyped_parameters_raise_an_error_naming_them(name, value, valid):
+    with pytest.raises(InvalidParameterError) as error:
+        SamplingParams.make(**{name: value})
+    assert error.value.name == name and name in str(error.value) and valid in str(error.value)
