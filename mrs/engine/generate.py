@@ -140,6 +140,9 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
         raise InvalidParameterError("max_tokens", max_tokens, "an integer >= 1")
     if not prompts:
         raise InvalidParameterError("prompts", prompts, "a non-empty list")
+    if model.arch.kind != "causal":
+        raise MrsError(f"model {model.name} is an {model.arch.kind} model: it embeds text but cannot generate; "
+                       "use `mrs embed` / mrs.embed()")
     stops = _stop_strings(stop)
     params = _sampling_rows(len(prompts), sampling)
     encoded = [encode_prompt(model, p, system) for p in prompts]
