@@ -47,6 +47,9 @@ class Settings:
     api_key: str = ""
     mirror: str = ""
     max_context: int = 4096
+    max_queue: int = 64
+    max_body_bytes: int = 10_000_000
+    cors_origins: str = ""
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -81,7 +84,7 @@ class Settings:
             raise MrsError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise MrsError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("port", "max_batch", "max_loaded_models", "max_context"):
+        for name in ("port", "max_batch", "max_loaded_models", "max_context", "max_queue", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise MrsError(f"{name} must be a positive integer, got {getattr(self, name)}")
 

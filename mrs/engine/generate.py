@@ -177,7 +177,9 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
         pending = None
         if n + 1 < new_tokens and not all(r.finish for r in rows):
             step = step + 1
-            pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step)
+            active = jnp.asarray([r.finish is None for r in rows])
+            pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step,
+                                                   active)
         logprobs = np.asarray(current.logprobs)
         for b, row in enumerate(rows):
             if row.finish is None:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mrs.cache import put_slots, take_slots
 from mrs.sampling import SampleResult, SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
@@ -50,9 +51,18 @@ class Steps:
             logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache, last_only=True)
             return sample(logits[:, 0], sampling, history, step, num_top=num_top), cache
 
-        def decode(params, tokens, cache, sampling: SamplingParams, history, step):
-            """Feed each row's last token [B] at its own position; sample the next."""
-            positions = cache.lengths[:, None]
+        def prefill_slot(params, tokens, positions, cache, slot, sampling: SamplingParams, history, step):
+            """Prefill one new request [1, T] into cache slot ``slot`` (its old state cleared)."""
+            fresh = jax.tree_util.tree_map(jnp.zeros_like, take_slots(cache, slot[None]))
+            result, fresh = prefill(params, tokens, positions, fresh, sampling, history, step)
+            return result, put_slots(cache, slot[None], fresh)
+
+        def decode(params, tokens, cache, sampling: SamplingParams, history, step, active):
+            """Feed each active row's last token [B] at its own position; sample the next.
+
+            Inactive rows (free slots, finished requests) write nothing and keep their length.
+            """
+            positions = jnp.where(active, cache.lengths, -1)[:, None]
             logits, cache = nnx.merge(graphdef, params)(tokens[:, None], positions, cache)
             history = push_history(history, tokens)
             result: SampleResult = sample(logits[:, 0], sampling, history, step, num_top=num_top)
@@ -60,8 +70,9 @@ class Steps:
 
         self.forward = jax.jit(forward, donate_argnums=(3,))
         self.prefill = jax.jit(prefill, donate_argnums=(3,))
+        self.prefill_slot = jax.jit(prefill_slot, donate_argnums=(3,))
         self.decode = jax.jit(decode, donate_argnums=(2, 4))
 
     def compiled_count(self) -> int:
         """How many distinct compilations these steps hold (for no-recompile tests)."""
-        return sum(f._cache_size() for f in (self.forward, self.prefill, self.decode))
+        return sum(f._cache_size() for f in (self.forward, self.prefill, self.prefill_slot, self.decode))
