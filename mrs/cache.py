@@ -78,3 +78,26 @@ def reset_slots(cache, mask: jax.Array):
     """Zero the lengths (and thereby the visible state) of slots where mask [B] is true."""
     return jax.tree_util.tree_map(
         lambda x: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x), cache)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SSMCache:
+    """State-space (Mamba) state per slot; its size does not depend on the sequence length.
+
+    conv: one [slots, conv_kernel - 1, channels] array per layer (the last inputs of
+    the causal convolution); ssm: one [slots, channels, state_size] float32 array per
+    layer (the recurrent state); lengths: [slots] tokens seen. A step whose row starts
+    at position 0 starts that row from zero state, as a KV row is overwritten from 0.
+    """
+
+    conv: tuple[jax.Array, ...]
+    ssm: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+    @classmethod
+    def init(cls, layers: int, slots: int, conv_kernel: int, channels: int, state_size: int,
+             dtype: jnp.dtype) -> "SSMCache":
+        return cls(conv=tuple(jnp.zeros((slots, conv_kernel - 1, channels), dtype) for _ in range(layers)),
+                   ssm=tuple(jnp.zeros((slots, channels, state_size), jnp.float32) for _ in range(layers)),
+                   lengths=jnp.zeros((slots,), jnp.int32))

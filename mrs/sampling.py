@@ -172,7 +172,7 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
     if not 0 <= num_top <= MAX_NUM_TOP:
         raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
     z = process_logits(logits, params, history, logit_bias)  # [B, V]
-    keys = jax.vmap(_draw_key)(jnp.broadcast_to(params.key[0], params.key.shape), jnp.asarray(step, jnp.int32))
+    keys = jax.vmap(_draw_key)(params.key, jnp.asarray(step, jnp.int32))
     drawn = jax.vmap(jax.random.categorical)(keys, z)
     tokens = jnp.where(params.temperature == 0, jnp.argmax(z, axis=-1), drawn)
     tokens = tokens.astype(jnp.int32)
@@ -225,7 +225,7 @@ def _filter(x: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def _draw_key(key_data: jax.Array, step: jax.Array) -> jax.Array:
-    return jax.random.fold_in(jax.random.wrap_key_data(key_data, impl=_PRNG_IMPL), step)
+    return jax.random.wrap_key_data(key_data, impl=_PRNG_IMPL)
 
 
 def _row(value: float, dtype: type) -> jax.Array:

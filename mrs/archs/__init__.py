@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from mrs.archs import llama
+from mrs.archs import llama, mamba, phi
 from mrs.errors import UnsupportedModelError
 
 
@@ -30,6 +30,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     model_type: Architecture(model_type, llama, llama.LlamaConfig, llama.LlamaForCausalLM)
     for model_type in llama.MODEL_TYPES
 }
+ARCHITECTURES["phi"] = Architecture("phi", phi, phi.PhiConfig, phi.PhiForCausalLM)
+ARCHITECTURES["phi3"] = Architecture("phi3", phi, phi.PhiConfig, phi.Phi3ForCausalLM)
+ARCHITECTURES["mamba"] = Architecture("mamba", mamba, mamba.MambaConfig, mamba.MambaForCausalLM)
 
 
 def register(model_type: str, arch: Architecture) -> None:

@@ -10,6 +10,7 @@ K kv heads, G query heads per kv head, H head dim, F feed-forward dim, V vocab.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mrs.cache import write_positions
+from mrs.cache import KVCache, advance, write_positions
 from mrs.errors import UnsupportedModelError
 
 MASKED = float(np.finfo(np.float32).min)
@@ -261,3 +262,39 @@ def last_valid(hidden: jax.Array, positions: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> [B, 1, D] at each row's last non-padding step."""
     index = jnp.argmax(positions, axis=1)
     return jnp.take_along_axis(hidden, index[:, None, None], axis=1)
+
+
+# --- shared by Phi, Mamba and BERT -------------------------------------------------
+
+@contextmanager
+def reading_config():
+    """Turn a missing key or a bad value in config.json into an UnsupportedModelError."""
+    try:
+        yield
+    except KeyError as e:
+        raise UnsupportedModelError(f"config.json lacks required key {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"config.json has an invalid value: {e}") from e
+
+
+def run_layers(layers, x: jax.Array, positions: jax.Array, cos: jax.Array, sin: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run decoder layers ``layer(x, positions, cos, sin, keys, values) -> (x, keys, values)``
+    over a KVCache, one cache layer each; lengths advance past ``positions``."""
+    keys, values = list(cache.keys), list(cache.values)
+    for i, layer in enumerate(layers):
+        x, keys[i], values[i] = layer(x, positions, cos, sin, keys[i], values[i])
+    return x, KVCache(tuple(keys), tuple(values), advance(cache.lengths, positions))
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float) -> jax.Array:
+    """Attention without a cache (encoders): q [B, T, N, H], k, v [B, S, K, H], mask [B, T, S]
+    (True = may attend) -> [B, T, N*H]. Softmax in float32."""
+    batch, steps, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k).astype(jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(batch, steps, heads * head_dim)

@@ -7,6 +7,7 @@ work of a step (detokenising, stop checks) overlaps the device work of the next.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -133,9 +134,24 @@ def _sampling_rows(count: int, sampling: dict) -> SamplingParams:
     return SamplingParams.stack([SamplingParams.make(**sampling) for _ in range(count)])
 
 
+@dataclass
+class RunResult:
+    """The end of a generation loop: completions, the cache, and every sampled token."""
+
+    completions: list[Completion]
+    cache: Any
+    sampled: list[list[int]]
+
+
 def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=None, system: str | None = None,
-        ignore_eos: bool = False, **sampling: Any) -> Iterator[tuple[int, str] | list[Completion]]:
-    """The generation loop: yields (row, text piece) as text appears, then the list of Completions."""
+        ignore_eos: bool = False, cache: Any = None, reuse: Sequence[int] | None = None,
+        **sampling: Any) -> Iterator[tuple[int, str] | RunResult]:
+    """The generation loop: yields (row, text piece) as text appears, then a RunResult.
+
+    With ``cache`` (one slot per prompt) and ``reuse[b]`` (how many leading prompt
+    tokens of row b that cache already holds), only the rest of each prompt is
+    prefilled — how a chat session reuses its conversation so far.
+    """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise InvalidParameterError("max_tokens", max_tokens, "an integer >= 1")
     if not prompts:
@@ -146,36 +162,40 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     stops = _stop_strings(stop)
     params = _sampling_rows(len(prompts), sampling)
     encoded = [encode_prompt(model, p, system) for p in prompts]
-    context = model.context_length
+    batch = len(encoded)
     longest = max(len(ids) for ids in encoded)
+    context = model.context_length if cache is None else min(model.context_length, cache_max_len(cache))
     if longest >= context:
         raise ContextLengthError(f"prompt of {longest} tokens does not fit the context of {context} tokens "
                                  "(leaving room for at least one new token)")
     new_tokens = min(int(max_tokens), context - longest)
     rows = [_Row(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos) for ids in encoded]
-    batch = len(encoded)
-    max_len = bucket(longest + new_tokens, MIN_CACHE_BUCKET, context)
-    width = bucket(longest, MIN_PROMPT_BUCKET, max_len)
+    if cache is None:
+        cache = model.init_cache(batch, bucket(longest + new_tokens, MIN_CACHE_BUCKET, context))
+        reuse = [0] * batch
+    reuse = [min(int(k), len(ids) - 1) for k, ids in zip(reuse or [0] * batch, encoded)]
+    max_len = cache_max_len(cache)
+    width = bucket(max(len(ids) - k for ids, k in zip(encoded, reuse)), MIN_PROMPT_BUCKET, max_len)
     tokens = np.zeros((batch, width), np.int32)
     history = np.full((batch, max_len), -1, np.int32)
-    for b, ids in enumerate(encoded):
-        tokens[b, :len(ids)] = ids
+    for b, (ids, k) in enumerate(zip(encoded, reuse)):
+        tokens[b, :len(ids) - k] = ids[k:]
         history[b, max_len - len(ids):] = ids
-    lengths = jnp.asarray([len(ids) for ids in encoded], jnp.int32)
+    starts = jnp.asarray(reuse, jnp.int32)
+    cache = dataclasses.replace(cache, lengths=starts)
+    positions = step_positions(starts, jnp.asarray([len(ids) for ids in encoded], jnp.int32) - starts, width)
     steps = model.steps
-    cache = model.init_cache(batch, max_len)
-    positions = step_positions(jnp.zeros((batch,), jnp.int32), lengths, width)
     started = time.perf_counter()
     step = jnp.zeros((batch,), jnp.int32)
-    result, cache = steps.prefill(model.params, jnp.asarray(tokens), positions, cache, params,
-                                  jnp.asarray(history), step)
     history = jnp.asarray(history)
-    current = result
+    current, cache = steps.prefill(model.params, jnp.asarray(tokens), positions, cache, params, history, step)
     sampled = np.asarray(current.tokens)
+    all_sampled: list[list[int]] = [[] for _ in range(batch)]
     prefill_done = time.perf_counter()
     for n in range(new_tokens):
         pending = None
         if n + 1 < new_tokens and not all(r.finish for r in rows):
+            # Dispatch the next step before reading this one back: host and device overlap.
             step = step + 1
             active = jnp.asarray([r.finish is None for r in rows])
             pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step,
@@ -183,6 +203,7 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
         logprobs = np.asarray(current.logprobs)
         for b, row in enumerate(rows):
             if row.finish is None:
+                all_sampled[b].append(int(sampled[b]))
                 piece = row.add(int(sampled[b]), float(logprobs[b]))
                 if piece:
                     yield b, piece
@@ -193,16 +214,23 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     finished = time.perf_counter()
     for row in rows:
         row.finish = row.finish or "length"
-    yield [Completion(text=r.text, token_ids=r.ids, finish_reason=r.finish, prompt_tokens=r.prompt_len,
-                      completion_tokens=len(r.ids), prompt_seconds=prefill_done - started,
-                      decode_seconds=finished - prefill_done, logprobs=r.logprobs) for r in rows]
+    yield RunResult(
+        completions=[Completion(text=r.text, token_ids=r.ids, finish_reason=r.finish, prompt_tokens=r.prompt_len,
+                                completion_tokens=len(r.ids), prompt_seconds=prefill_done - started,
+                                decode_seconds=finished - prefill_done, logprobs=r.logprobs) for r in rows],
+        cache=cache, sampled=all_sampled)
+
+
+def cache_max_len(cache: Any) -> int:
+    """How many positions a cache holds (KV caches); SSM caches hold any number."""
+    return int(getattr(cache, "max_len", 1 << 30))
 
 
 def generate_batch(model: Any, prompts: Sequence[Prompt], **options: Any) -> list[Completion]:
     """Generate for several prompts in one batch; each row equals its batch-1 run."""
     for event in run(model, prompts, **options):
-        if isinstance(event, list):
-            return event
+        if isinstance(event, RunResult):
+            return event.completions
     raise AssertionError("generation loop ended without a result")
 
 
@@ -214,5 +242,5 @@ def generate(model: Any, prompt: Prompt, **options: Any) -> Completion:
 def stream(model: Any, prompt: Prompt, **options: Any) -> Iterator[str]:
     """Yield text pieces for one prompt as they are decoded (never half a character)."""
     for event in run(model, [prompt], **options):
-        if not isinstance(event, list):
+        if not isinstance(event, RunResult):
             yield event[1]

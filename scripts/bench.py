@@ -1,0 +1,549 @@
+#!/usr/bin/env python
+"""Prefill and decode throughput of mrs against transformers on the same weights.
+
+    python scripts/bench.py --shape smollm2-135m --dtype float32 --batch 1 8
+    python scripts/bench.py --model ~/models/org--name --json out.json
+
+For a model folder (``--model``) or a random-weight folder at a real model's shapes
+(``--shape``, built once by scripts/random_model.py and cached), this runs the same
+prompt token ids (``--prompt-len`` random ids per row, seeded) through
+
+* mrs: ``mrs.generate_batch`` greedy with ``ignore_eos``, after a warm-up run of the
+  same shapes that compiles prefill and decode (the compile count is checked to stay
+  put, so no timed run pays for compiling). Prefill is ``Completion.prompt_seconds``;
+  decode is ``Completion.decode_seconds``. A second, raw measurement loops the
+  jitted ``model.steps.decode`` with no host reads in between, so the gap between the
+  two is the generation loop's host overhead.
+* transformers: ``AutoModelForCausalLM.from_pretrained`` under ``torch.inference_mode``,
+  prefill as one forward over the prompt (``logits_to_keep=1``, as generate does),
+  decode from greedy ``generate(min_new_tokens=max_new_tokens)`` timed per token with a
+  streamer, from the first new token to the last.
+
+Decode tokens/s counts the ``new_tokens - 1`` tokens made by decode steps (the first
+comes out of prefill): ``batch * (new_tokens - 1) / decode seconds``; the median of
+``--repeats`` runs is reported. The memory-bandwidth bound of a decode step reads
+every weight once (the input embedding only as a gather, unless tied as the output
+head): ``batch * copy_bandwidth / weight_bytes`` tokens/s, with copy bandwidth
+measured in this run as the best of a numpy copy (one and all threads) and a jitted
+jax copy on the default device (bytes read + written, as STREAM counts them). The
+KV-cache reads are left out of the bound and reported beside it.
+
+Runs without mrs pip-installed (the repo root goes on sys.path) and without torch
+(transformers is skipped with a note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:
+    import mrs
+except ImportError:
+    sys.path.insert(0, str(REPO))
+    import mrs
+
+import jax
+import jax.numpy as jnp
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import random_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+console = Console(stderr=True)
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# --- the machine -------------------------------------------------------------------
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    device = jax.devices()[0]
+    info = {
+        "cpu": cpu_model(), "cores": cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
+        "device": str(device), "device_kind": device.device_kind, "device_count": jax.device_count(),
+    }
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def copy_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
+    """GB/s (1e9 bytes/s, read + write) of a large copy: numpy (1 and all threads) and jax."""
+    out: dict[str, Any] = {"array_bytes": nbytes}
+    if jax.default_backend() == "cpu":
+        src = np.ones(nbytes // 4, np.float32)
+        dst = np.empty_like(src)
+        out["numpy_gbps"] = 2 * nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
+        threads = cpu_count()
+        parts = list(zip(np.array_split(dst, threads), np.array_split(src, threads), strict=True))
+        with ThreadPoolExecutor(threads) as pool:  # np.copyto releases the GIL
+            def threaded():
+                list(pool.map(lambda p: np.copyto(*p), parts))
+            out["numpy_threads_gbps"] = 2 * nbytes / _best_seconds(threaded, repeats) / 1e9
+        del src, dst, parts
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    add = jax.jit(lambda a: a + 1.0)  # not foldable into an alias, unlike a plain copy
+    out["jax_gbps"] = 2 * nbytes / _best_seconds(lambda: add(x).block_until_ready(), repeats) / 1e9
+    del x
+    out["gbps"] = max(v for k, v in out.items() if k.endswith("_gbps"))
+    return out
+
+
+# --- the model folder --------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mrs-bench"
+
+
+def model_folder(args) -> Path:
+    """The folder to bench: --model as given, or the cached random folder for --shape."""
+    if args.model:
+        return Path(args.model).expanduser()
+    folder = Path(args.cache_dir or default_cache_dir()) / f"{args.shape}-{args.dtype}-seed{args.seed}"
+    if (folder / "config.json").is_file():
+        console.log(f"using cached random weights in {folder}")
+        return folder
+    config = random_model.SHAPES[args.shape]
+    total = random_model.num_params(config) * random_model.DTYPES[args.dtype][1]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(f"writing random {args.shape} ({args.dtype})", total=total)
+        random_model.make_random_model(args.shape, args.dtype, folder, args.seed, lambda n: bar.advance(task, n))
+    console.log(f"wrote random weights to {folder}")
+    return folder
+
+
+@contextmanager
+def mrs_load_progress(folder: Path):
+    """Show a byte progress bar while mrs reads the checkpoint (wraps mrs.weights.iter_tensors)."""
+    import mrs.weights as weights
+
+    total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    original = weights.iter_tensors
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("mrs: loading weights", total=total)
+
+        def iter_tensors(path):
+            for name, array in original(path):
+                yield name, array
+                bar.advance(task, array.nbytes)
+
+        weights.iter_tensors = iter_tensors
+        try:
+            yield
+        finally:
+            weights.iter_tensors = original
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of params a decode step reads, bytes of all params)."""
+    from flax import nnx
+
+    total = read = 0
+    tied = model.hf_config.get("tie_word_embeddings", False)
+    for path, var in nnx.to_flat_state(model.params):
+        nbytes = var.get_value().nbytes
+        total += nbytes
+        name = ".".join(map(str, path))
+        if not (name.endswith("embed_tokens.weight") and not tied):  # a gather, unless it is the head
+            read += nbytes
+    return read, total
+
+
+def kv_bytes_per_step(config, batch: int, max_len: int, dtype: str) -> int:
+    """Bytes of K and V a decode step reads when it attends over the whole cache bucket."""
+    layers, kv_heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    return 2 * layers * batch * kv_heads * max_len * head_dim * BYTES[dtype]
+
+
+# --- mrs ---------------------------------------------------------------------------
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill s, decode s for new_tokens - 1 steps) of the jitted steps alone, no host reads."""
+    from mrs.cache import step_positions
+    from mrs.engine.steps import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket
+    from mrs.sampling import SamplingParams
+
+    batch, length = prompts.shape
+    max_len = bucket(length + new_tokens, MIN_CACHE_BUCKET, model.context_length)
+    width = bucket(length, MIN_PROMPT_BUCKET, max_len)
+    tokens = np.zeros((batch, width), np.int32)
+    tokens[:, :length] = prompts
+    history = np.full((batch, max_len), -1, np.int32)
+    history[:, max_len - length:] = prompts
+    sampling = SamplingParams.stack([SamplingParams.make(temperature=0, seed=0) for _ in range(batch)])
+    cache = model.init_cache(batch, max_len)
+    positions = step_positions(jnp.zeros((batch,), jnp.int32), jnp.full((batch,), length, jnp.int32), width)
+    step = jnp.zeros((batch,), jnp.int32)
+    tokens, history = jnp.asarray(tokens), jnp.asarray(history)
+    jax.block_until_ready((cache, positions, tokens, history, sampling))
+    steps = model.steps
+    started = time.perf_counter()
+    result, cache = steps.prefill(model.params, tokens, positions, cache, sampling, history, step)
+    result.tokens.block_until_ready()
+    prefilled = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        step = step + 1
+        result, cache, history = steps.decode(model.params, result.tokens, cache, sampling, history, step)
+    result.tokens.block_until_ready()
+    return prefilled - started, time.perf_counter() - prefilled
+
+
+def bench_mrs(model, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
+    batch = prompts.shape[0]
+    rows = [list(map(int, row)) for row in prompts]
+    options = dict(max_tokens=new_tokens, ignore_eos=True, temperature=0)
+    steps = model.steps
+
+    def once() -> tuple[float, float, list[int]]:
+        done = mrs.generate_batch(model, rows, **options)
+        assert all(c.completion_tokens == new_tokens for c in done), "mrs stopped early despite ignore_eos"
+        return done[0].prompt_seconds, done[0].decode_seconds, done[0].token_ids
+
+    compiles_before = steps.compiled_count()
+    t = time.perf_counter()
+    warm_prefill, warm_decode, _ = once()
+    warmup_seconds = time.perf_counter() - t
+    mrs_raw_steps(model, prompts, new_tokens)  # compiles nothing new; warms the raw path's dispatch
+    compiles_warm = steps.compiled_count()
+    prefill, decode, raw_prefill, raw_decode = [], [], [], []
+    token_ids: list[int] = []
+    for i in range(repeats):
+        console.log(f"mrs batch {batch}: run {i + 1}/{repeats}")
+        p, d, token_ids = once()
+        prefill.append(p)
+        decode.append(d)
+        rp, rd = mrs_raw_steps(model, prompts, new_tokens)
+        raw_prefill.append(rp)
+        raw_decode.append(rd)
+    recompiles = steps.compiled_count() - compiles_warm
+    if recompiles:
+        console.log(f"[red]mrs recompiled {recompiles} time(s) during timed runs: timings include compiles")
+    decode_steps = new_tokens - 1
+    return {
+        "prefill_tok_s": batch * prompts.shape[1] / median(prefill),
+        "decode_tok_s": batch * decode_steps / median(decode),
+        "decode_step_ms": 1e3 * median(decode) / decode_steps,
+        "raw_prefill_tok_s": batch * prompts.shape[1] / median(raw_prefill),
+        "raw_decode_tok_s": batch * decode_steps / median(raw_decode),
+        "raw_decode_step_ms": 1e3 * median(raw_decode) / decode_steps,
+        "prefill_seconds": prefill, "decode_seconds": decode,
+        "raw_prefill_seconds": raw_prefill, "raw_decode_seconds": raw_decode,
+        "warmup": {"seconds": warmup_seconds, "prefill_seconds": warm_prefill, "decode_seconds": warm_decode},
+        "compilations": {"warmup": compiles_warm - compiles_before, "timed": recompiles},
+        "tokens_row0": token_ids,
+    }
+
+
+def run_mrs(folder: Path, args, batches: list[int], prompts: np.ndarray) -> dict:
+    with mrs_load_progress(folder):
+        t = time.perf_counter()
+        model = mrs.load(folder, dtype=args.dtype, device="auto", home=folder.parent)
+        jax.block_until_ready(model.params)
+        wall = time.perf_counter() - t
+    console.log(f"mrs: loaded {model} in {model.load_seconds:.2f}s ({wall:.2f}s until on device)")
+    read, total = weight_bytes(model)
+    out: dict[str, Any] = {
+        "load_seconds": model.load_seconds, "load_wall_seconds": wall, "num_params": model.num_params,
+        "param_bytes": total, "weight_bytes_per_step": read, "by_batch": {},
+    }
+    from mrs.engine.steps import MIN_CACHE_BUCKET, bucket
+
+    max_len = bucket(args.prompt_len + args.new_tokens, MIN_CACHE_BUCKET, model.context_length)
+    for batch in batches:
+        result = bench_mrs(model, prompts[:batch], args.new_tokens, args.repeats)
+        result["cache_len"] = max_len
+        result["kv_bytes_per_step"] = kv_bytes_per_step(model.config, batch, max_len, args.dtype)
+        out["by_batch"][batch] = result
+    del model
+    gc.collect()
+    return out
+
+
+# --- transformers ------------------------------------------------------------------
+
+def transformers_unavailable() -> str | None:
+    """Why transformers cannot run here comparably, or None."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f"{e.name or 'torch/transformers'} is not installed"
+    if jax.default_backend() == "gpu" and not torch.cuda.is_available():
+        return "torch has no CUDA here, and transformers on the CPU is no comparison for a GPU"
+    return None
+
+
+def run_transformers(folder: Path, args, batches: list[int], prompts: np.ndarray) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(cpu_count())
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    console.log("transformers: loading weights")
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    sync()
+    load_seconds = time.perf_counter() - t
+    console.log(f"transformers: loaded in {load_seconds:.2f}s")
+    eos = model.generation_config.eos_token_id
+    pad = eos[0] if isinstance(eos, list) else eos
+
+    class Clock(BaseStreamer):
+        """Time stamps of generate's streamer calls: the prompt, then each new token."""
+
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def put(self, value):
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    out: dict[str, Any] = {"load_seconds": load_seconds, "version": transformers.__version__,
+                           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+                           "by_batch": {}}
+    new = args.new_tokens
+    for batch in batches:
+        ids = torch.tensor(prompts[:batch], dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+
+        def prefill():
+            with torch.inference_mode():
+                sync()
+                t = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+                sync()
+                return time.perf_counter() - t
+
+        def generate():
+            clock = Clock()
+            with torch.inference_mode():
+                sync()
+                t = time.perf_counter()
+                result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                        do_sample=False, pad_token_id=pad, streamer=clock)
+                sync()
+                end = time.perf_counter()
+            assert result.shape[1] == ids.shape[1] + new, "transformers stopped early"
+            first = clock.stamps[1]  # [0] is the prompt, [1] the first new token
+            return first - t, end - first, result[0, ids.shape[1]:].tolist()
+
+        t = time.perf_counter()
+        prefill()
+        generate()
+        warmup = time.perf_counter() - t
+        prefills, gen_prefills, decodes = [], [], []
+        tokens: list[int] = []
+        for i in range(args.repeats):
+            console.log(f"transformers batch {batch}: run {i + 1}/{args.repeats}")
+            prefills.append(prefill())
+            p, d, tokens = generate()
+            gen_prefills.append(p)
+            decodes.append(d)
+        out["by_batch"][batch] = {
+            "prefill_tok_s": batch * prompts.shape[1] / median(prefills),
+            "decode_tok_s": batch * (new - 1) / median(decodes),
+            "decode_step_ms": 1e3 * median(decodes) / (new - 1),
+            "generate_prefill_tok_s": batch * prompts.shape[1] / median(gen_prefills),
+            "prefill_seconds": prefills, "generate_prefill_seconds": gen_prefills, "decode_seconds": decodes,
+            "warmup_seconds": warmup, "tokens_row0": tokens,
+        }
+    del model
+    gc.collect()
+    return out
+
+
+# --- report ------------------------------------------------------------------------
+
+def agree_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def summarize(report: dict) -> list[dict]:
+    rows = []
+    ours, theirs = report["mrs"], report.get("transformers")
+    read = ours["weight_bytes_per_step"]
+    gbps = report["bandwidth"]["gbps"]
+    for batch, m in ours["by_batch"].items():
+        h = theirs["by_batch"][batch] if theirs else None
+        bound = int(batch) * gbps * 1e9 / read
+        row = {
+            "batch": int(batch), "bound_tok_s": bound,
+            "mrs_prefill_tok_s": m["prefill_tok_s"], "mrs_decode_tok_s": m["decode_tok_s"],
+            "mrs_raw_decode_tok_s": m["raw_decode_tok_s"], "mrs_pct_bound": 100 * m["decode_tok_s"] / bound,
+            "mrs_raw_pct_bound": 100 * m["raw_decode_tok_s"] / bound,
+            "kv_bytes_per_step": m["kv_bytes_per_step"],
+        }
+        if h:
+            row.update({
+                "hf_prefill_tok_s": h["prefill_tok_s"], "hf_decode_tok_s": h["decode_tok_s"],
+                "hf_pct_bound": 100 * h["decode_tok_s"] / bound,
+                "prefill_ratio": m["prefill_tok_s"] / h["prefill_tok_s"],
+                "decode_ratio": m["decode_tok_s"] / h["decode_tok_s"],
+                "greedy_agree_tokens": agree_prefix(m["tokens_row0"], h["tokens_row0"]),
+            })
+        rows.append(row)
+    return rows
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def print_table(report: dict) -> None:
+    out = Console()
+    mach, model, bw = report["machine"], report["model"], report["bandwidth"]
+    theirs = report.get("transformers")
+    out.print(f"[bold]machine[/] {mach['cpu']}, {mach['cores']} cores, {mach.get('memory_gib', '?')} GiB; "
+              f"jax {mach['jax']} {mach['jax_backend']} ({mach['device_kind']})")
+    out.print(f"[bold]model[/] {model['name']} {model['dtype']}: {report['mrs']['num_params'] / 1e6:,.1f}M params, "
+              f"{report['mrs']['weight_bytes_per_step'] / 1e6:,.0f} MB read per decode step; "
+              f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens, "
+              f"median of {report['settings']['repeats']}")
+    parts = ", ".join(f"{k.removesuffix('_gbps')} {v:.1f}" for k, v in bw.items() if k.endswith("_gbps") and k != "gbps")
+    out.print(f"[bold]copy bandwidth[/] {bw['gbps']:.1f} GB/s (best of {parts})")
+    load = f"mrs {report['mrs']['load_seconds']:.2f}s (on device {report['mrs']['load_wall_seconds']:.2f}s)"
+    if theirs:
+        load += f", transformers {theirs['load_seconds']:.2f}s (torch {theirs['torch']}, {theirs['threads']} threads)"
+    else:
+        load += f", transformers skipped: {report.get('transformers_skipped')}"
+    out.print(f"[bold]load[/] {load}")
+    table = Table(title="tokens/s (decode bound = batch × bandwidth / weight bytes)")
+    for name in ("batch", "prefill mrs", "prefill HF", "×", "decode mrs", "decode HF", "×", "bound",
+                 "mrs % bound", "HF % bound", "mrs raw steps", "raw % bound"):
+        table.add_column(name, justify="right")
+    for r in report["summary"]:
+        table.add_row(
+            str(r["batch"]), _f(r["mrs_prefill_tok_s"]), _f(r.get("hf_prefill_tok_s")),
+            _f(r.get("prefill_ratio"), 2), _f(r["mrs_decode_tok_s"]), _f(r.get("hf_decode_tok_s")),
+            _f(r.get("decode_ratio"), 2), _f(r["bound_tok_s"]), _f(r["mrs_pct_bound"]) + "%",
+            _f(r.get("hf_pct_bound")) + ("%" if "hf_pct_bound" in r else ""),
+            _f(r["mrs_raw_decode_tok_s"]), _f(r["mrs_raw_pct_bound"]) + "%")
+    out.print(table)
+
+
+# --- main --------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a Hugging Face model folder")
+    which.add_argument("--shape", choices=sorted(random_model.SHAPES),
+                       help="random weights at this model's real shapes (built once, cached)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8, and 32 on a GPU)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median reported)")
+    parser.add_argument("--no-transformers", action="store_true", help="bench mrs only")
+    parser.add_argument("--json", type=Path, help="also write the full report here")
+    parser.add_argument("--cache-dir", type=Path, help=f"where --shape folders live (default {default_cache_dir()})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt ids")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2 or args.prompt_len < 1 or args.repeats < 1:
+        parser.error("need --new-tokens >= 2, --prompt-len >= 1 and --repeats >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    batches = args.batch or ([1, 8, 32] if jax.default_backend() == "gpu" else [1, 8])
+    report: dict[str, Any] = {"machine": machine_info()}
+    console.log(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+                f"jax {report['machine']['jax_backend']} ({report['machine']['device_kind']})")
+    folder = model_folder(args)
+    config = json.loads((folder / "config.json").read_text())
+    report["model"] = {"name": args.shape or folder.name, "path": str(folder), "dtype": args.dtype,
+                       "random_weights": (folder / "RANDOM_WEIGHTS.json").is_file(), "config": config}
+    report["settings"] = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                          "batches": batches, "seed": args.seed, "decode_tokens_counted": args.new_tokens - 1}
+    console.log("measuring copy bandwidth")
+    report["bandwidth"] = copy_bandwidth()
+    vocab = int(config["vocab_size"])
+    prompts = np.random.default_rng(args.seed).integers(3, vocab, (max(batches), args.prompt_len), dtype=np.int32)
+    report["mrs"] = run_mrs(folder, args, batches, prompts)
+    skipped = "--no-transformers" if args.no_transformers else transformers_unavailable()
+    if skipped:
+        report["transformers_skipped"] = skipped
+        console.log(f"transformers skipped: {skipped}")
+    else:
+        report["transformers"] = run_transformers(folder, args, batches, prompts)
+    report["summary"] = summarize(report)
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+        console.log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
