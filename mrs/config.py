@@ -7,6 +7,7 @@ sources`` can explain a surprising value.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -53,7 +54,7 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def load(cls, env_file: str | Path | None = ".env", **flags: Any) -> "Settings":
+    def load(cls, env_file: str | Path | None = ".env", **flags: Any) -> Settings:
         """Merge every layer; unknown flags or bad values raise MrsError."""
         settings, known = cls(), {f.name for f in fields(cls) if f.name != "sources"}
         settings.sources = {name: "default" for name in known}
@@ -108,6 +109,139 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "bool":
+            return _to_bool(value)
         return str(value)
     except (TypeError, ValueError) as e:
         raise MrsError(f"setting {key} from {source} must be {kind}, got {value!r}") from e
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
+# ---------------------------------------------------------------------------------------
+# `mrs config`: the file, its checks, and the environment variables.
+# ---------------------------------------------------------------------------------------
+
+DESCRIPTIONS = {
+    "home": "models directory (org/model lives in <home>/org--model)",
+    "device": f"where models run: {' | '.join(DEVICES)}",
+    "dtype": f"weight and compute dtype: {' | '.join(DTYPES)} (auto: float32 on CPU, bfloat16 elsewhere)",
+    "host": "address `mrs serve` listens on",
+    "port": "port `mrs serve` listens on (Ollama's is 11434)",
+    "max_batch": "requests decoded together per model in the server",
+    "max_loaded_models": "models the server keeps loaded at once",
+    "keep_alive": "how long the server keeps an idle model loaded (seconds or 5m, 1h; negative: forever)",
+    "api_key": "if set, the server requires `Authorization: Bearer <key>`",
+    "mirror": "Hugging Face Hub endpoint for pull and search (a mirror); empty: huggingface.co or HF_ENDPOINT",
+    "max_context": "longest context (tokens) the server allocates per request",
+    "max_queue": "requests the server queues before answering 503",
+    "max_body_bytes": "largest request body the server accepts",
+    "cors_origins": "comma-separated origins allowed by the server's CORS headers",
+}
+
+
+SECRETS = frozenset({"api_key"})
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(Settings) if f.name != "sources"]
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def toml_value(value: Any) -> str:
+    """A Python scalar as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+
+
+def render_toml(settings: Settings, with_sources: bool = False) -> str:
+    """The effective settings as TOML (optionally with each value's source as a comment)."""
+    lines = []
+    for name, value in settings.as_dict().items():
+        if name in SECRETS and value:
+            value = "********"  # never print a secret; `config sources` still says where it came from
+        line = f"{name} = {toml_value(value)}"
+        if with_sources:
+            line += f"  # {settings.sources.get(name, 'default')}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def init_file(path: Path | None = None, force: bool = False) -> Path:
+    """Write a commented config file listing every setting at its default; refuses to overwrite."""
+    path = Path(path) if path else config_file()
+    if path.exists() and not force:
+        raise MrsError(f"config file {path} already exists; edit it, or pass --force to start over")
+    defaults = Settings()
+    lines = ["# mrs configuration. Precedence: defaults < this file < .env < MRS_* environment < flags.",
+             "# Uncomment a line to change a value; `mrs config validate` checks the file.", ""]
+    for name, value in defaults.as_dict().items():
+        lines.append(f"# {DESCRIPTIONS.get(name, name)} ({env_var(name)})")
+        lines.append(f"# {name} = {toml_value(value)}")
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+def check_file(path: Path | None = None) -> list[str]:
+    """Problems in a config file (empty list: it is valid); a missing file is a problem."""
+    path = Path(path) if path else config_file()
+    if not path.is_file():
+        return [f"{path} does not exist (create it with `mrs config init`)"]
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return [f"{path} is not valid TOML: {e}"]
+    known, problems = setting_names(), []
+    settings = Settings()
+    for key, value in data.items():
+        if key not in known:
+            problems.append(f"unknown setting {key!r} (known: {', '.join(known)})")
+        elif isinstance(value, (dict, list)):
+            problems.append(f"{key} must be a single value, got {type(value).__name__}")
+        else:
+            try:
+                setattr(settings, key, _coerce(key, value, f"config file {path}"))
+            except MrsError as e:
+                problems.append(str(e))
+    if not problems:
+        try:
+            settings.validate()
+        except MrsError as e:
+            problems.append(str(e))
+    return problems
+
+
+def env_rows(environ: Any = None) -> list[tuple[str, str, str]]:
+    """(variable, value now or "", what it sets) for every MRS_* variable mrs reads."""
+    environ = os.environ if environ is None else environ
+    def shown(name: str) -> str:
+        value = environ.get(env_var(name), "")
+        return "(set)" if value and name in SECRETS else value
+
+    rows = [(env_var(n), shown(n), DESCRIPTIONS.get(n, n)) for n in setting_names()]
+    rows.append(("MRS_CONFIG", environ.get("MRS_CONFIG", ""), f"config file path (default {config_file()})"))
+    rows.append(("HF_TOKEN", "(set)" if environ.get("HF_TOKEN") else "", "Hugging Face token for gated/private pulls"))
+    return rows

@@ -7,10 +7,23 @@ no reference can reach outside the models directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 import re
+import shutil
+import struct
+import uuid
 from pathlib import Path
 
-from mrs.errors import InvalidModelNameError, ModelNotFoundError, NotAModelError
+from mrs.errors import (
+    InvalidModelNameError,
+    ModelNotFoundError,
+    MrsError,
+    NotAModelError,
+    WeightsError,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?$")
 SEPARATOR = "--"
@@ -41,8 +54,9 @@ def model_name(folder: str | Path) -> str:
 
 def model_dir(home: Path, name: str) -> Path:
     """The folder a named model lives in (it may not exist yet)."""
-    path = (Path(home) / folder_name(name)).resolve()
-    if path.parent != Path(home).resolve():
+    root = Path(home).expanduser().resolve()
+    path = root / folder_name(name)  # one validated component; a symlinked model folder is allowed
+    if path.parent != root:
         raise InvalidModelNameError(f"model name {name!r} escapes the models directory")
     return path
 
@@ -92,3 +106,267 @@ def list_models(home: Path) -> list[Path]:
         return []
     return sorted(p for p in Path(home).iterdir()
                   if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file())
+
+
+# ---------------------------------------------------------------------------------------
+# What a model folder holds: files, parameters (from safetensors headers), summary.
+# ---------------------------------------------------------------------------------------
+
+CHECKSUMS = ".model_checksums"
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                      "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+class ModelExistsError(MrsError):
+    """The destination model already exists."""
+
+    http_status = 409
+
+
+class ChecksumError(MrsError):
+    """A model file does not match its recorded SHA-256 (corrupt or changed)."""
+
+
+def model_files(path: Path) -> list[str]:
+    """Relative names of a model folder's files; hidden entries (.cache, the manifest) are not model files."""
+    path = Path(path)
+    out = []
+    for p in path.rglob("*"):
+        rel = p.relative_to(path)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            out.append(rel.as_posix())
+    return sorted(out)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotAModelError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise NotAModelError(f"{path} must hold a JSON object")
+    return value
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes), read without the weights."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < size <= 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{file.name} is not a readable safetensors file ({e}); pull the model again") from e
+    if not isinstance(header, dict):
+        raise WeightsError(f"{file.name} has a malformed safetensors header; pull the model again")
+    return header
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files a model loads: the index's shards, else every top-level *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [path / s for s in shards]
+    return sorted(path.glob("*.safetensors"))
+
+
+def parameter_summary(path: Path) -> tuple[int, str]:
+    """(parameter count, dominant dtype) from the safetensors headers."""
+    counts: dict[str, int] = {}
+    for file in weight_files(path):
+        if not file.is_file():
+            raise WeightsError(f"shard {file.name} is missing from {path}; pull the model again")
+        for name, info in safetensors_header(file).items():
+            if name == "__metadata__" or not isinstance(info, dict):
+                continue
+            numel = math.prod(int(d) for d in info.get("shape", []))
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype", ""), str(info.get("dtype", "?")).lower())
+            counts[dtype] = counts.get(dtype, 0) + numel
+    if not counts:
+        return 0, "unknown"
+    return sum(counts.values()), max(counts, key=counts.__getitem__)
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether the folder carries a chat template (tokenizer_config.json or chat_template.jinja/json)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            return bool(_read_json(config).get("chat_template"))
+        except NotAModelError:
+            return False
+    return False
+
+
+def human_count(n: int) -> str:
+    """1234567 -> '1.2M' (Ollama's parameter_size style)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}".replace(".0" + unit, unit)
+    return str(n)
+
+
+def model_info(path: Path) -> dict:
+    """Summary of a model folder without loading weights: what `list`, `show` and /api/tags report."""
+    path = Path(path)
+    check_model_folder(path)
+    config = _read_json(path / "config.json")
+    files = model_files(path)
+    stats = [(path / f).stat() for f in files]
+    parameters, dtype = parameter_summary(path)
+    if dtype == "unknown":
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "unknown")
+    model_type = str(config.get("model_type") or "unknown")
+    architectures = config.get("architectures") or []
+    context = next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+    return {
+        "name": model_name(path),
+        "path": str(path),
+        "architecture": str(architectures[0]) if architectures else model_type,
+        "model_type": model_type,
+        "family": model_type,
+        "parameters": parameters,
+        "parameter_size": human_count(parameters),
+        "dtype": dtype,
+        "size_bytes": sum(s.st_size for s in stats),
+        "modified": max((s.st_mtime for s in stats), default=path.stat().st_mtime),
+        "context_length": context,
+        "embedding_length": config.get("hidden_size") or config.get("d_model"),
+        "chat_template": has_chat_template(path),
+        "files": files,
+        "digest": digest(path),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Checksums: a SHA-256 manifest per folder (.model_checksums), written by pull and cp.
+# ---------------------------------------------------------------------------------------
+
+def sha256_file(file: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def compute_checksums(path: Path) -> dict[str, dict]:
+    """{relative name: {"size", "sha256"}} for every model file."""
+    path = Path(path)
+    return {name: {"size": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
+            for name in model_files(path)}
+
+
+def read_checksums(path: Path) -> dict | None:
+    """The folder's manifest ({"files": {...}, "source"?: {...}}), or None if it has none."""
+    file = Path(path) / CHECKSUMS
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+        if not isinstance(manifest.get("files"), dict):
+            raise TypeError("no 'files' table")
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ChecksumError(f"{file} is unreadable ({e}); recreate it with `mrs checksums --write`") from e
+    return manifest
+
+
+def write_checksums(path: Path, files: dict[str, dict] | None = None, source: dict | None = None) -> dict:
+    """Write the manifest atomically (computing checksums unless given); return it."""
+    path = Path(path)
+    manifest: dict = {"version": 1, "algorithm": "sha256",
+                      "files": dict(sorted((files if files is not None else compute_checksums(path)).items()))}
+    if source:
+        manifest["source"] = source
+    tmp = path / f"{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path / CHECKSUMS)
+    return manifest
+
+
+def verify(path: Path) -> dict:
+    """Check every file against the manifest; raise ChecksumError naming what is wrong.
+
+    Returns {"checked": n, "unlisted": [files added since the manifest was written]}.
+    """
+    path = Path(path)
+    manifest = read_checksums(path)
+    if manifest is None:
+        raise ChecksumError(f"{path} has no checksum manifest ({CHECKSUMS}); "
+                            "create one with `mrs checksums NAME --write` once you trust the files")
+    problems = []
+    for name, entry in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != entry.get("size"):
+            problems.append(f"{name} has {file.stat().st_size} bytes, expected {entry.get('size')}")
+        elif sha256_file(file) != entry.get("sha256"):
+            problems.append(f"{name} does not match its SHA-256")
+    if problems:
+        raise ChecksumError(f"{model_name(path)}: {'; '.join(problems)} — the files are corrupt or were changed; "
+                            "pull the model again")
+    unlisted = [f for f in model_files(path) if f not in manifest["files"]]
+    return {"checked": len(manifest["files"]), "unlisted": unlisted}
+
+
+def digest(path: Path) -> str:
+    """A stable "sha256:<hex>" identity: of the manifest's file table when there is one, else of config.json."""
+    path = Path(path)
+    try:
+        manifest = read_checksums(path)
+    except ChecksumError:
+        manifest = None
+    if manifest is not None:
+        table = json.dumps(manifest["files"], sort_keys=True, separators=(",", ":")).encode()
+        return "sha256:" + hashlib.sha256(table).hexdigest()
+    return "sha256:" + sha256_file(path / "config.json")
+
+
+# ---------------------------------------------------------------------------------------
+# rm / cp: whole-folder operations that never leave a half-written model visible.
+# ---------------------------------------------------------------------------------------
+
+def temp_dir(home: Path, purpose: str, name: str) -> Path:
+    """A hidden sibling in ``home`` (skipped by list_models) for work in progress on ``name``."""
+    return Path(home) / f".{purpose}-{folder_name(name)}-{uuid.uuid4().hex[:8]}"
+
+
+def remove(home: Path, name: str) -> None:
+    """Delete a named model from the models directory (never a path outside it)."""
+    path = model_dir(home, name)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model '{name}' not found in {home}")
+    if path.is_symlink():  # a model linked in from elsewhere: drop the link, not the files
+        path.unlink()
+        return
+    trash = temp_dir(home, "rm", name)
+    os.rename(path, trash)  # atomic: the model vanishes whole, then its files are deleted
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def copy(home: Path, src: str, dst: str) -> Path:
+    """Copy model ``src`` (a name or a folder) to the new name ``dst``; returns the new folder."""
+    home = Path(home)
+    source = resolve(src, home)
+    target = model_dir(home, dst)
+    if target.exists():
+        raise ModelExistsError(f"model '{dst}' already exists in {home}; remove it first with `mrs rm {dst}`")
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(home, "cp", dst)
+    try:
+        shutil.copytree(source, tmp, symlinks=False, ignore=shutil.ignore_patterns(".cache", "*.lock"))
+        if target.exists():
+            raise ModelExistsError(f"model '{dst}' appeared in {home} while copying; nothing was changed")
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
@@ -59,11 +60,16 @@ except ImportError:
 
 import jax
 import jax.numpy as jnp
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-
 import random_model
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -128,11 +134,9 @@ def copy_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
             def threaded():
                 list(pool.map(lambda p: np.copyto(*p), parts))
             out["numpy_threads_gbps"] = 2 * nbytes / _best_seconds(threaded, repeats) / 1e9
-        del src, dst, parts
     x = jnp.ones((nbytes // 4,), jnp.float32)
     add = jax.jit(lambda a: a + 1.0)  # not foldable into an alias, unlike a plain copy
     out["jax_gbps"] = 2 * nbytes / _best_seconds(lambda: add(x).block_until_ready(), repeats) / 1e9
-    del x
     out["gbps"] = max(v for k, v in out.items() if k.endswith("_gbps"))
     return out
 
@@ -166,7 +170,7 @@ def model_folder(args) -> Path:
 @contextmanager
 def mrs_load_progress(folder: Path):
     """Show a byte progress bar while mrs reads the checkpoint (wraps mrs.weights.iter_tensors)."""
-    import mrs.weights as weights
+    from mrs import weights
 
     total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     original = weights.iter_tensors
@@ -237,9 +241,11 @@ def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, f
     result, cache = steps.prefill(model.params, tokens, positions, cache, sampling, history, step)
     result.tokens.block_until_ready()
     prefilled = time.perf_counter()
+    # Newer steps take a per-row ``active`` mask; pass all-active when they do.
+    extra = (jnp.ones((batch,), bool),) if "active" in inspect.signature(steps.decode).parameters else ()
     for _ in range(new_tokens - 1):
         step = step + 1
-        result, cache, history = steps.decode(model.params, result.tokens, cache, sampling, history, step)
+        result, cache, history = steps.decode(model.params, result.tokens, cache, sampling, history, step, *extra)
     result.tokens.block_until_ready()
     return prefilled - started, time.perf_counter() - prefilled
 
@@ -247,7 +253,7 @@ def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, f
 def bench_mrs(model, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
     batch = prompts.shape[0]
     rows = [list(map(int, row)) for row in prompts]
-    options = dict(max_tokens=new_tokens, ignore_eos=True, temperature=0)
+    options = {"max_tokens": new_tokens, "ignore_eos": True, "temperature": 0}
     steps = model.steps
 
     def once() -> tuple[float, float, list[int]]:
@@ -329,80 +335,87 @@ def transformers_unavailable() -> str | None:
     return None
 
 
+class _Clock:
+    """A generate() streamer that only stamps times: the prompt, then each new token."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _torch_sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_prefill_seconds(model, ids, device: str) -> float:
+    """One forward over the prompt, keeping only the last logits as generate's prefill does."""
+    import torch
+
+    with torch.inference_mode():
+        _torch_sync(device)
+        t = time.perf_counter()
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        _torch_sync(device)
+        return time.perf_counter() - t
+
+
+def hf_generate_seconds(model, ids, new: int, pad: int, device: str) -> tuple[float, float, list[int]]:
+    """(start to first new token s, first to last new token s, row 0's new tokens) of greedy generate."""
+    import torch
+
+    clock = _Clock()
+    with torch.inference_mode():
+        _torch_sync(device)
+        t = time.perf_counter()
+        result = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                min_new_tokens=new, do_sample=False, pad_token_id=pad, streamer=clock)
+        _torch_sync(device)
+        end = time.perf_counter()
+    assert result.shape[1] == ids.shape[1] + new, "transformers stopped early"
+    first = clock.stamps[1]  # [0] is the prompt, [1] the first new token
+    return first - t, end - first, result[0, ids.shape[1]:].tolist()
+
+
 def run_transformers(folder: Path, args, batches: list[int], prompts: np.ndarray) -> dict:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(cpu_count())
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     console.log("transformers: loading weights")
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    sync()
+    _torch_sync(device)
     load_seconds = time.perf_counter() - t
     console.log(f"transformers: loaded in {load_seconds:.2f}s")
     eos = model.generation_config.eos_token_id
     pad = eos[0] if isinstance(eos, list) else eos
-
-    class Clock(BaseStreamer):
-        """Time stamps of generate's streamer calls: the prompt, then each new token."""
-
-        def __init__(self):
-            self.stamps: list[float] = []
-
-        def put(self, value):
-            self.stamps.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     out: dict[str, Any] = {"load_seconds": load_seconds, "version": transformers.__version__,
                            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
                            "by_batch": {}}
     new = args.new_tokens
     for batch in batches:
         ids = torch.tensor(prompts[:batch], dtype=torch.long, device=device)
-        mask = torch.ones_like(ids)
-
-        def prefill():
-            with torch.inference_mode():
-                sync()
-                t = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-                sync()
-                return time.perf_counter() - t
-
-        def generate():
-            clock = Clock()
-            with torch.inference_mode():
-                sync()
-                t = time.perf_counter()
-                result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                        do_sample=False, pad_token_id=pad, streamer=clock)
-                sync()
-                end = time.perf_counter()
-            assert result.shape[1] == ids.shape[1] + new, "transformers stopped early"
-            first = clock.stamps[1]  # [0] is the prompt, [1] the first new token
-            return first - t, end - first, result[0, ids.shape[1]:].tolist()
-
         t = time.perf_counter()
-        prefill()
-        generate()
+        hf_prefill_seconds(model, ids, device)
+        hf_generate_seconds(model, ids, new, pad, device)
         warmup = time.perf_counter() - t
         prefills, gen_prefills, decodes = [], [], []
         tokens: list[int] = []
         for i in range(args.repeats):
             console.log(f"transformers batch {batch}: run {i + 1}/{args.repeats}")
-            prefills.append(prefill())
-            p, d, tokens = generate()
+            prefills.append(hf_prefill_seconds(model, ids, device))
+            p, d, tokens = hf_generate_seconds(model, ids, new, pad, device)
             gen_prefills.append(p)
             decodes.append(d)
         out["by_batch"][batch] = {
@@ -413,8 +426,6 @@ def run_transformers(folder: Path, args, batches: list[int], prompts: np.ndarray
             "prefill_seconds": prefills, "generate_prefill_seconds": gen_prefills, "decode_seconds": decodes,
             "warmup_seconds": warmup, "tokens_row0": tokens,
         }
-    del model
-    gc.collect()
     return out
 
 

@@ -55,7 +55,7 @@ SCRIPT_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 VOCAB = 512  # model vocab for every decoder; >= tokenizer size (unused rows exist)
 GREEDY_STEPS = 64
 PROMPT_LENS = (3, 9, 17)
-MIN_MARGIN = 1e-3
+MIN_MARGIN = 5e-3  # the brief asks > 1e-3; every fixture clears 5e-3
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 UNK, BOS, EOS, PAD, IM_START, IM_END = range(len(SPECIAL_TOKENS))  # ids follow list order
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -194,6 +194,7 @@ SPECS: dict[str, Spec] = {
         "LlamaConfig",
         "LlamaForCausalLM",
         dict(LLAMA, tie_word_embeddings=True),
+        seed=1,
         eos_list=True,
     ),
     "llama3": Spec(
@@ -257,6 +258,7 @@ SPECS: dict[str, Spec] = {
             attention_multiplier=0.2,
             logits_scaling=3.0,
         ),
+        seed=3,
         head_std=2.0,  # logits are divided by 3; keep them peaky anyway
     ),
     "qwen2": Spec(
@@ -264,6 +266,7 @@ SPECS: dict[str, Spec] = {
         "Qwen2Config",
         "Qwen2ForCausalLM",
         dict(LLAMA, tie_word_embeddings=True),
+        seed=2,
     ),
     "qwen3": Spec(
         "Qwen3: per-head q_norm/k_norm, explicit head_dim 16, GQA 4q/2kv",
@@ -312,6 +315,7 @@ SPECS: dict[str, Spec] = {
                 long_factor=PHI3_LONG,
             ),
         ),
+        seed=3,
         hub_config=v4_rope(),
         long_logits_len=48,
     ),
@@ -331,6 +335,7 @@ SPECS: dict[str, Spec] = {
             eos_token_id=EOS,
             pad_token_id=PAD,
         ),
+        matrix_std=0.3,  # at 0.15 the recurrence settles and greedy repeats one token
     ),
 }
 
@@ -562,7 +567,7 @@ def build_decoder(name: str, spec: Spec, tok, out_dir: Path) -> Path:
         assert np.abs(full_logits(model, long_ids) - golden["long_logits"]).max() < 1e-5
 
     margins = []
-    consistent = True
+    consistent, distinct = True, []
     for i, n in enumerate(PROMPT_LENS):
         prompt = encode(tok, PROMPT_TEXT, n)
         tokens, margin = greedy(loaded, prompt)
@@ -574,6 +579,7 @@ def build_decoder(name: str, spec: Spec, tok, out_dir: Path) -> Path:
         golden[f"prompt_{i}"] = prompt.numpy().astype(np.int32)
         golden[f"greedy_{i}"] = tokens
         margins.append(margin)
+        distinct.append(len(set(tokens.tolist())))
         # Does the cached run agree with one uncached forward over prompt + output?
         seq = torch.cat([prompt, torch.from_numpy(tokens[:-1]).long()[None]], dim=1)
         recomputed = full_logits(loaded, seq)[0, n - 1 :].argmax(-1)
@@ -581,9 +587,10 @@ def build_decoder(name: str, spec: Spec, tok, out_dir: Path) -> Path:
     golden["margin_min"] = np.float32(min(margins))
     np.savez(folder / "golden.npz", **golden)
     log.info(
-        "%-14s margin_min %.3f  cached greedy == uncached recompute: %s",
+        "%-14s margin_min %.3f  distinct greedy tokens %s  cached == uncached recompute: %s",
         name,
         min(margins),
+        distinct,
         consistent,
     )
     return publish(folder, out_dir / name)

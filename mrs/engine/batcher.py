@@ -1,0 +1,383 @@
+"""Continuous batching: one decode loop per loaded model over a fixed set of cache slots.
+
+A request is prefilled into a free slot and joins the running batch at the next decode
+step; a finished or cancelled request frees its slot at once. Every shape is fixed
+(B slots, the cache length S, the history window W = S), so nothing recompiles in
+steady state: prompt widths are padded to `steps.bucket` sizes, and sampling values
+are per-row arrays. Each request keeps its own sampling parameters, seed and step
+counter, so its tokens do not depend on what else is running.
+
+The loop runs in its own thread. A step is dispatched before the previous step's
+tokens are read back, so detokenising and handing text to the requests (through each
+request's ``sink``, called from this thread) overlaps the device work of the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrs.engine.generate import Completion, _Row
+from mrs.engine.steps import MIN_PROMPT_BUCKET, Steps, bucket
+from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
+from mrs.sampling import MAX_NUM_TOP, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class ServerBusyError(MrsError):
+    """The request queue is full; try again shortly (HTTP 503 with Retry-After)."""
+
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token with its log-prob and the most likely alternatives."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """What a request's sink receives: new text, and finally ``done`` (or ``error``)."""
+
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)  # only with logprobs
+    done: Completion | None = None
+    error: BaseException | None = None
+    queued_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request: prompt ids, limits, sampling row, and where output goes.
+
+    ``sink`` is called from the batcher thread with each `Event`; it must not block.
+    """
+
+    prompt_ids: Sequence[int]
+    sink: Callable[[Event], None]
+    sampling: SamplingParams | None = None  # one row; None = SamplingParams.make()
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    context: int | None = None  # cap on prompt + output tokens (below the cache length)
+    cancelled: bool = False
+    submitted_at: float = 0.0
+
+
+class _Active:
+    """A request in a slot: its output row and the tokens not yet handed out."""
+
+    def __init__(self, request: Request, row: _Row, admitted_at: float):
+        self.request, self.row = request, row
+        self.admitted_at = admitted_at
+        self.first_token_at = 0.0
+        self.pending: list[TokenLogprob] = []
+        self.finished = False
+
+    @property
+    def live(self) -> bool:
+        return not self.finished and not self.request.cancelled
+
+
+@jax.jit
+def _put_row(array: jax.Array, index: jax.Array, row: jax.Array) -> jax.Array:
+    """array[index] = row[0] (index traced, so no slot ever recompiles).
+
+    Not donated: the next tokens array is also the in-flight step's result, read later.
+    """
+    return array.at[index].set(row[0])
+
+
+_STEPS: dict[Any, Steps] = {}
+_STEPS_LOCK = threading.Lock()
+
+
+def shared_steps(model: Any, num_top: int) -> Steps:
+    """Compiled steps shared by models of the same graph and config (e.g. copies)."""
+    try:
+        key = (model.graphdef, model.config, str(model.dtype), num_top)
+        hash(key)
+    except TypeError:
+        return Steps(model, num_top=num_top)
+    with _STEPS_LOCK:
+        if key not in _STEPS:
+            _STEPS[key] = Steps(model, num_top=num_top)
+        return _STEPS[key]
+
+
+class Batcher:
+    """The decode loop of one model over ``slots`` cache rows of ``max_len`` tokens."""
+
+    def __init__(self, model: Any, *, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
+                 num_top: int = MAX_NUM_TOP):
+        if model.arch.kind != "causal":
+            raise MrsError(f"model {model.name} is an {model.arch.kind} model and cannot generate")
+        self.model = model
+        self.slots = int(slots)
+        self.max_len = int(min(max_len or model.context_length, model.context_length))
+        self.max_queue = int(max_queue)
+        self.num_top = num_top
+        self.steps = shared_steps(model, num_top)
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Request] = collections.deque()
+        self._rows: list[_Active | None] = [None] * self.slots
+        self._inflight: tuple[Any, list[tuple[int, _Active]]] | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self.requests_total = 0
+        self.tokens_total = 0
+        self._reset()
+
+    # ----- public API (any thread) -------------------------------------------------
+
+    def start(self) -> "Batcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"mrs-batcher[{self.model.name}]", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop; requests still queued or running get an error event."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (raises ContextLengthError, InvalidParameterError or ServerBusyError)."""
+        ids = list(request.prompt_ids)
+        if not ids:
+            raise InvalidParameterError("prompt", "", "non-empty (it encodes to no tokens)")
+        if any(not 0 <= t < self.model.vocab_size for t in ids):
+            raise InvalidParameterError("prompt", "token ids", f"ids in [0, {self.model.vocab_size})")
+        limit = self.max_len if not request.context else min(int(request.context), self.max_len)
+        if len(ids) >= limit:
+            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context of {limit} tokens "
+                                     "(leaving room for at least one new token)")
+        if not 0 <= request.top_logprobs <= self.num_top:
+            raise InvalidParameterError("top_logprobs", request.top_logprobs, f"an integer in [0, {self.num_top}]")
+        request.prompt_ids = ids
+        request.max_tokens = max(0, min(int(request.max_tokens), limit - len(ids)))
+        if request.sampling is None:
+            request.sampling = SamplingParams.make()
+        request.submitted_at = time.perf_counter()
+        if request.max_tokens == 0:  # nothing to generate: answer at once, no slot needed
+            request.sink(Event(done=Completion("", [], "length", len(ids), 0)))
+            return request
+        with self._cond:
+            if self._closing:
+                raise ServerBusyError(f"model {self.model.name} is unloading; retry")
+            if len(self._pending) >= self.max_queue:
+                raise ServerBusyError(f"the request queue of {self.model.name} is full "
+                                      f"({self.max_queue} waiting); retry shortly")
+            self._pending.append(request)
+            self.requests_total += 1
+            self._cond.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: dropped from the queue, or its slot freed at the next step."""
+        request.cancelled = True
+        with self._cond:
+            try:
+                self._pending.remove(request)
+            except ValueError:
+                pass
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        """Gauges: slots, busy slots, queued requests; counters: requests, tokens."""
+        with self._cond:
+            busy = sum(1 for r in self._rows if r is not None)
+            return {"slots": self.slots, "busy": busy, "queued": len(self._pending),
+                    "requests": self.requests_total, "tokens": self.tokens_total}
+
+    @property
+    def idle(self) -> bool:
+        s = self.stats()
+        return s["busy"] == 0 and s["queued"] == 0
+
+    def warmup(self, timeout: float = 600.0) -> None:
+        """Compile prefill (smallest bucket) and decode by running a tiny request."""
+        done = threading.Event()
+        box: list[Event] = []
+
+        def sink(event: Event) -> None:
+            if event.done is not None or event.error is not None:
+                box.append(event)
+                done.set()
+
+        first = next(iter(sorted(self.model.eos_ids)), 0) if self.model.eos_ids else 0
+        self.submit(Request([first % self.model.vocab_size], sink, SamplingParams.make(temperature=0, seed=0),
+                            max_tokens=3, ignore_eos=True))
+        if not done.wait(timeout):
+            raise MrsError(f"warm-up of {self.model.name} timed out after {timeout:.0f}s")
+        if box and box[0].error is not None:
+            raise box[0].error
+
+    # ----- the loop (batcher thread) -----------------------------------------------
+
+    def _reset(self) -> None:
+        """Fresh device state: cache, per-row sampling, history, next tokens."""
+        B, S = self.slots, self.max_len
+        self.cache = self.model.init_cache(B, S)
+        self.sampling = SamplingParams.stack([SamplingParams.make(temperature=0, seed=0)] * B)
+        self.history = jnp.full((B, S), -1, jnp.int32)
+        self.tokens = jnp.zeros((B,), jnp.int32)
+        self.step = np.zeros((B,), np.int32)
+        self._inflight = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while (not self._closing and not self._pending and self._inflight is None
+                       and not any(r is not None and r.live for r in self._rows)):
+                    self._cond.wait()
+                if self._closing:
+                    break
+            try:
+                self._iteration()
+            except Exception as e:  # a failed step poisons the donated cache: fail all, start over
+                log.exception("decode loop of %s failed", self.model.name)
+                self._fail_all(MrsError(f"generation failed: {e}"))
+                self._reset()
+        self._fail_all(ServerBusyError(f"model {self.model.name} was unloaded; retry"))
+
+    def _iteration(self) -> None:
+        dispatched = self._dispatch_decode()
+        if self._inflight is not None:
+            self._deliver(*self._inflight)
+        self._inflight = dispatched
+        self._release()
+        for slot, request in self._admit():
+            self._prefill(slot, request)
+
+    def _dispatch_decode(self):
+        live = [(i, r) for i, r in enumerate(self._rows) if r is not None and r.live]
+        if not live:
+            return None
+        active = np.zeros((self.slots,), bool)
+        for i, _ in live:
+            active[i] = True
+            self.step[i] += 1
+        result, self.cache, self.history = self.steps.decode(
+            self.model.params, self.tokens, self.cache, self.sampling, self.history, self.step.copy(), active)
+        self.tokens = result.tokens
+        return result, live
+
+    def _deliver(self, result, rows: list[tuple[int, _Active]]) -> None:
+        tokens = np.asarray(result.tokens)
+        logprobs = np.asarray(result.logprobs)
+        want_top = any(r.request.logprobs for _, r in rows)
+        top_ids = np.asarray(result.top_ids) if want_top else None
+        top_lps = np.asarray(result.top_logprobs) if want_top else None
+        for i, active in rows:
+            if active.live:
+                top = (top_ids[i], top_lps[i]) if want_top else None
+                self._take(active, int(tokens[i]), float(logprobs[i]), top)
+
+    def _take(self, active: _Active, token: int, logprob: float, top) -> None:
+        request, row = active.request, active.row
+        now = time.perf_counter()
+        if not active.first_token_at:
+            active.first_token_at = now
+        is_eos = token in row.eos
+        piece = row.add(token, logprob)
+        if not is_eos:
+            self.tokens_total += 1
+            if request.logprobs:
+                k = request.top_logprobs
+                alternatives = [(int(a), float(b)) for a, b in zip(top[0][:k], top[1][:k], strict=True)] if k else []
+                active.pending.append(TokenLogprob(token, logprob, alternatives))
+        if row.finish:
+            active.finished = True
+            done = Completion(text=row.text, token_ids=row.ids, finish_reason=row.finish,
+                              prompt_tokens=row.prompt_len, completion_tokens=len(row.ids),
+                              prompt_seconds=active.first_token_at - active.admitted_at,
+                              decode_seconds=now - active.first_token_at, logprobs=row.logprobs)
+            self._emit(active, Event(piece, active.pending, done=done))
+            active.pending = []
+        elif piece:
+            self._emit(active, Event(piece, active.pending))
+            active.pending = []
+
+    def _emit(self, active: _Active, event: Event) -> None:
+        event.queued_seconds = active.admitted_at - active.request.submitted_at
+        try:
+            active.request.sink(event)
+        except Exception:  # the receiver is gone (closed event loop): stop this request
+            log.debug("sink of a request failed; cancelling it", exc_info=True)
+            active.request.cancelled = True
+
+    def _release(self) -> None:
+        with self._cond:
+            for i, active in enumerate(self._rows):
+                if active is not None and not active.live:
+                    self._rows[i] = None
+
+    def _admit(self) -> list[tuple[int, Request]]:
+        admitted = []
+        with self._cond:
+            free = [i for i, r in enumerate(self._rows) if r is None]
+            while free and self._pending:
+                request = self._pending.popleft()
+                if request.cancelled:
+                    continue
+                admitted.append((free.pop(0), request))
+        return admitted
+
+    def _prefill(self, slot: int, request: Request) -> None:
+        ids = request.prompt_ids
+        n, S = len(ids), self.max_len
+        width = bucket(n, MIN_PROMPT_BUCKET, S)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :n] = ids
+        positions = np.where(np.arange(width) < n, np.arange(width), -1).astype(np.int32)[None]
+        history = np.full((1, S), -1, np.int32)
+        history[0, S - n:] = ids
+        row = _Row(self.model, n, request.max_tokens, tuple(request.stop), request.ignore_eos)
+        active = _Active(request, row, time.perf_counter())
+        result, self.cache = self.steps.prefill_slot(
+            self.model.params, tokens, positions, self.cache, np.int32(slot), request.sampling, history,
+            np.zeros((1,), np.int32))
+        self.sampling = self.sampling.replace_row(slot, request.sampling)
+        self.history = _put_row(self.history, np.int32(slot), history)
+        self.tokens = _put_row(self.tokens, np.int32(slot), result.tokens)
+        self.step[slot] = 0
+        with self._cond:
+            self._rows[slot] = active
+        top = None
+        if request.logprobs:
+            top = (np.asarray(result.top_ids)[0], np.asarray(result.top_logprobs)[0])
+        self._take(active, int(np.asarray(result.tokens)[0]), float(np.asarray(result.logprobs)[0]), top)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            victims = [r for r in self._rows if r is not None and r.live]
+            victims += [_Active(q, None, time.perf_counter()) for q in self._pending if not q.cancelled]
+            self._pending.clear()
+            self._rows = [None] * self.slots
+        for active in victims:
+            active.finished = True
+            self._emit(active, Event(error=error))
