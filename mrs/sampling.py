@@ -195,7 +195,7 @@ def _penalize(x: jax.Array, params: SamplingParams, history: jax.Array) -> jax.A
     (B, V), W = x.shape, history.shape[1]
     n = jnp.where(params.repeat_last_n < 0, W, params.repeat_last_n)  # [B]
     history = history.astype(jnp.int32)
-    in_window = (jnp.arange(W)[None, :] > W - n[:, None]) & (history >= 0)  # [B, W]
+    in_window = (jnp.arange(W)[None, :] >= W - n[:, None]) & (history >= 0)  # [B, W]
     ids = jnp.where(in_window, history, V)  # V (and ids >= V) fall off the scatter
     counts = jnp.zeros((B, V), jnp.float32).at[jnp.arange(B)[:, None], ids].add(
         1.0, mode="drop")  # [B, V]
