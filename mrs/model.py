@@ -76,7 +76,8 @@ class Model:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+        length = getattr(self.config, "context_length", None) or getattr(self.config, "max_position_embeddings", 0)
+        return int(length or 2048)
 
     @property
     def vocab_size(self) -> int:

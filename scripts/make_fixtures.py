@@ -20,26 +20,42 @@ by float noise; every greedy step's top-1/top-2 margin is asserted > MIN_MARGIN.
 
     python scripts/make_fixtures.py [--out DIR] [--only NAME ...]
 
-`tests/conftest.py` imports this file by path and calls `build_all` when the stamp in
-the output folder does not match `stamp()` (script content + torch/transformers versions).
+`tests/conftest.py` imports this file by path and calls `build_all` (under `locked`)
+when the stamp in the output folder does not match `stamp()` (script content +
+torch/transformers/tokenizers versions).
 Heavy imports (torch, transformers, tokenizers) happen inside functions so that reading
 the stamp is cheap.
+
+What transformers does here that an implementation must copy to match the goldens:
+- dynamic (llama-dynamic) and longrope (phi3) rope pick their frequencies per forward
+  call from max(position) + 1 of that call: one 48-token forward uses the scaled/long
+  frequencies for all 48 positions, while a cached decode keeps the keys it already
+  rotated and switches only for new tokens (dynamic rescales at every step past 32,
+  longrope uses long factors from position 32 on). So for these two fixtures the
+  cached greedy run differs from an uncached recompute of the same tokens.
+- longrope without a `factor` scales cos/sin by sqrt(1 + ln(max_pos / original) /
+  ln(original)) = sqrt(1 + ln 4 / ln 32) here, for short and long factors alike.
+- sliding_window W (mistral): query i sees keys i-W+1 .. i (W keys, itself included).
+- tied models (llama, qwen2, mamba) have no lm_head.weight in their safetensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,17 +81,27 @@ BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # ---------------------------------------------------------------------------------------
 
 CORPUS = [
-    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
-    "with a single step. The weather today is sunny with a light breeze from the west.",
-    "Language models predict the next token given the previous ones. Attention lets every "
-    "position look at every earlier position; the cache keeps keys and values around so "
-    "that each new token costs one step instead of a whole pass over the sequence.",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman who "
-    "told stories to the children every evening. They listened, laughed and asked for more.",
-    "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return "
-    "fibonacci(n - 1) + fibonacci(n - 2)\n\nfor i in range(10):\n    print(i, fibonacci(i))\n",
-    "import numpy as np\nx = np.arange(12).reshape(3, 4)\ny = x @ x.T  # matrix product\n"
-    "print(y.sum(axis=0), y.dtype)\n",
+    (
+        "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
+        "with a single step. The weather today is sunny with a light breeze from the west."
+    ),
+    (
+        "Language models predict the next token given the previous ones. Attention lets every "
+        "position look at every earlier position; the cache keeps keys and values around so "
+        "that each new token costs one step instead of a whole pass over the sequence."
+    ),
+    (
+        "Once upon a time, in a small village by the sea, there lived an old fisherman who "
+        "told stories to the children every evening. They listened, laughed and asked for more."
+    ),
+    (
+        "def fibonacci(n: int) -> int:\n    if n < 2:\n        return n\n    return "
+        "fibonacci(n - 1) + fibonacci(n - 2)\n\nfor i in range(10):\n    print(i, fibonacci(i))\n"
+    ),
+    (
+        "import numpy as np\nx = np.arange(12).reshape(3, 4)\ny = x @ x.T  # matrix product\n"
+        "print(y.sum(axis=0), y.dtype)\n"
+    ),
     'fn main() {\n    let v: Vec<u32> = (1..=5).collect();\n    println!("{:?}", v);\n}\n',
     '{"name": "mrs", "version": "0.1.0", "layers": [1, 2, 3], "ok": true, "pi": 3.14159}',
     "SELECT id, name FROM users WHERE age > 30 ORDER BY name LIMIT 10;",
@@ -84,12 +110,16 @@ CORPUS = [
     "Привет, мир! Как дела? Γειά σου κόσμε. مرحبا بالعالم. שלום עולם.",
     "Emoji test 🙂 🚀 🎉 ✨ — and some symbols: ©, ®, ™, €, £, ¥, ±, ×, ÷, °, µ.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 1000 2024 3.14 -7 1e-5 0x1F 1,000,000.",
-    "User: What is the capital of France?\nAssistant: The capital of France is Paris.\n"
-    "User: And of Japan?\nAssistant: Tokyo is the capital of Japan.",
+    (
+        "User: What is the capital of France?\nAssistant: The capital of France is Paris.\n"
+        "User: And of Japan?\nAssistant: Tokyo is the capital of Japan."
+    ),
     "Mixing tabs\tand spaces   and\nnew lines\n\n  indented text  with trailing spaces   ",
     "HTTP/1.1 200 OK\nContent-Type: application/json\nX-Request-Id: abc-123\n\n",
-    "The mitochondria is the powerhouse of the cell. Photosynthesis turns light, water "
-    "and carbon dioxide into sugar and oxygen. Gravity keeps the planets in orbit.",
+    (
+        "The mitochondria is the powerhouse of the cell. Photosynthesis turns light, water "
+        "and carbon dioxide into sugar and oxygen. Gravity keeps the planets in orbit."
+    ),
 ]
 
 LOGITS_TEXT = (
@@ -125,16 +155,16 @@ CHAT_TEMPLATE = (
 # Fixture specs
 # ---------------------------------------------------------------------------------------
 
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    bos_token_id=BOS,
-    eos_token_id=EOS,
-    pad_token_id=None,
-)
+SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "bos_token_id": BOS,
+    "eos_token_id": EOS,
+    "pad_token_id": None,
+}
 
 
 @dataclass(frozen=True)
@@ -154,28 +184,30 @@ class Spec:
     eos_list: bool = False  # generation_config eos_token_id as a list
     logits_len: int = 24
     long_logits_len: int | None = None  # extra long_logits_ids / long_logits golden
-    extra_files: dict[str, Any] = field(default_factory=dict)
 
 
-def v4_rope(scaling: dict | None = None, keep_partial_in_scaling: bool = False):
+def v4_rope(scaling: dict | None = None, old_type_key: bool = False):
     """Return a config.json rewrite into the transformers 4.x dialect Hub files use.
 
     transformers 5 writes `rope_parameters: {rope_type, rope_theta, ...}`; 4.x checkpoints
     carry top-level `rope_theta` (and `partial_rotary_factor`) plus an optional
     `rope_scaling` dict. `scaling` replaces the scaling dict verbatim (e.g. the old
-    `{"type": "linear"}` spelling); otherwise it is derived from `rope_parameters`.
+    `{"type": "linear"}` spelling); otherwise it is derived from `rope_parameters`,
+    with `rope_type` spelled `type` when old_type_key (as Phi-3/Phi-4-mini ship it).
     """
 
     def rewrite(cfg: dict) -> dict:
         rp = dict(cfg.pop("rope_parameters"))
         cfg["rope_theta"] = rp.pop("rope_theta")
-        if "partial_rotary_factor" in rp and not keep_partial_in_scaling:
+        if "partial_rotary_factor" in rp:
             cfg["partial_rotary_factor"] = rp.pop("partial_rotary_factor")
         if "original_max_position_embeddings" in rp and "original_max_position_embeddings" in cfg:
             rp.pop("original_max_position_embeddings")  # Phi3 keeps it top-level
         if scaling is not None:
             cfg["rope_scaling"] = scaling
         elif rp.get("rope_type", "default") != "default":
+            if old_type_key:
+                rp["type"] = rp.pop("rope_type")
             cfg["rope_scaling"] = rp
         return dict(sorted(cfg.items()))
 
@@ -209,14 +241,14 @@ SPECS: dict[str, Spec] = {
             mlp_bias=True,
             tie_word_embeddings=False,
             max_position_embeddings=256,
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=500000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=64,
-            ),
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
         ),
         hub_config=v4_rope(),
     ),
@@ -225,7 +257,7 @@ SPECS: dict[str, Spec] = {
         'rope_scaling: {"type": "linear", "factor": 2.0}',
         "LlamaConfig",
         "LlamaForCausalLM",
-        dict(LLAMA, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+        dict(LLAMA, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
         hub_config=v4_rope(scaling={"type": "linear", "factor": 2.0}),
     ),
     "llama-dynamic": Spec(
@@ -236,7 +268,7 @@ SPECS: dict[str, Spec] = {
         dict(
             LLAMA,
             max_position_embeddings=32,
-            rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
         ),
         logits_len=48,
     ),
@@ -298,7 +330,8 @@ SPECS: dict[str, Spec] = {
     "phi3": Spec(
         "Phi-3/Phi-4-mini style: fused qkv/gate_up, longrope (distinct short/long factors, "
         "original 32, max 128), partial_rotary_factor 0.75; config.json in the 4.x dialect "
-        "Phi-4-mini ships (rope_scaling type longrope, top-level partial_rotary_factor)",
+        "Phi-4-mini ships (rope_scaling {type: longrope, ...}, top-level partial_rotary_factor, "
+        "rope_theta and original_max_position_embeddings)",
         "Phi3Config",
         "Phi3ForCausalLM",
         dict(
@@ -307,34 +340,35 @@ SPECS: dict[str, Spec] = {
             tie_word_embeddings=False,
             max_position_embeddings=128,
             original_max_position_embeddings=32,
-            rope_parameters=dict(
-                rope_type="longrope",
-                rope_theta=10000.0,
-                partial_rotary_factor=0.75,
-                short_factor=PHI3_SHORT,
-                long_factor=PHI3_LONG,
-            ),
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": PHI3_SHORT,
+                "long_factor": PHI3_LONG,
+            },
         ),
         seed=3,
-        hub_config=v4_rope(),
+        hub_config=v4_rope(old_type_key=True),
         long_logits_len=48,
     ),
     "mamba": Spec(
         "Mamba-1: state_size 8, conv_kernel 4, expand 2, tied embeddings (slow torch path)",
         "MambaConfig",
         "MambaForCausalLM",
-        dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=2,
-            state_size=8,
-            conv_kernel=4,
-            expand=2,
-            tie_word_embeddings=True,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-        ),
+        {
+            "vocab_size": VOCAB,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "state_size": 8,
+            "conv_kernel": 4,
+            "expand": 2,
+            "tie_word_embeddings": True,
+            "bos_token_id": BOS,
+            "eos_token_id": EOS,
+            "pad_token_id": PAD,
+        },
+        seed=1,
         matrix_std=0.3,  # at 0.15 the recurrence settles and greedy repeats one token
     ),
 }
@@ -359,6 +393,22 @@ def stamp() -> dict[str, str]:
         "transformers": version("transformers"),
         "tokenizers": version("tokenizers"),
     }
+
+
+def is_current(out_dir: Path) -> bool:
+    """Whether out_dir holds a complete build made by this script and these libraries."""
+    path = Path(out_dir) / STAMP_FILE
+    return path.is_file() and json.loads(path.read_text()) == stamp()
+
+
+@contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on out_dir, so concurrent builders (pytest workers) queue."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -410,11 +460,16 @@ def save_bpe_tokenizer(tok, folder: Path) -> None:
 
 def check_bpe_tokenizer(folder: Path) -> None:
     """transformers must load the tokenizer folder and render the chat template."""
+    from jinja2.exceptions import TemplateError
     from transformers import AutoTokenizer
 
     at = AutoTokenizer.from_pretrained(folder)
     ids = at.encode("héllo wörld 日本語 🙂")
-    assert ids[0] == BOS and at.decode(ids, skip_special_tokens=True) == "héllo wörld 日本語 🙂"
+    assert (
+        ids[0] == BOS
+        and ids[1] != BOS
+        and at.decode(ids, skip_special_tokens=True) == "héllo wörld 日本語 🙂"
+    )
     msgs = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi!"},
@@ -426,7 +481,7 @@ def check_bpe_tokenizer(folder: Path) -> None:
     assert text.endswith("<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n"), text
     try:
         at.apply_chat_template(msgs[1:2] * 2, tokenize=False)
-    except Exception as e:  # jinja2 TemplateError from raise_exception
+    except TemplateError as e:  # what raise_exception() raises
         assert "alternate" in str(e), e
     else:
         raise AssertionError("chat template accepted two user turns in a row")
@@ -441,7 +496,9 @@ def encode(tok, text: str, n: int):
     return torch.tensor([ids[:n]], dtype=torch.long)
 
 
-def peaky_(model, spec: Spec, vector_std: float = 0.1) -> None:
+def peaky_(
+    model, matrix_std: float, embed_std: float, head_std: float, vector_std: float = 0.1
+) -> None:
     """Redraw weights so logits have clear winners; perturb every vector parameter.
 
     Matrices (and conv kernels) ~ N(0, matrix_std); input embeddings ~ N(0, embed_std);
@@ -459,16 +516,18 @@ def peaky_(model, spec: Spec, vector_std: float = 0.1) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied weights appear once
             if p is emb:
-                p.normal_(0.0, spec.embed_std)
+                p.normal_(0.0, embed_std)
             elif p is head:
-                p.normal_(0.0, spec.head_std)
+                p.normal_(0.0, head_std)
             elif p.ndim >= 2 and name.endswith("weight"):
-                p.normal_(0.0, spec.matrix_std)
+                p.normal_(0.0, matrix_std)
             else:
                 p.add_(torch.randn_like(p) * vector_std)
         if head is emb:
-            final_norm = [m for n, m in model.named_modules() if "norm" in type(m).__name__.lower()][-1]
-            final_norm.weight.mul_(spec.head_std / spec.embed_std)
+            final_norm = [
+                m for n, m in model.named_modules() if "norm" in type(m).__name__.lower()
+            ][-1]
+            final_norm.weight.mul_(head_std / embed_std)
 
 
 def fresh(model):
@@ -505,18 +564,20 @@ def full_logits(model, ids) -> np.ndarray:
         return fresh(model)(input_ids=ids, use_cache=False).logits.float().numpy()
 
 
-def atomic_folder(out_dir: Path, name: str) -> Path:
-    """A scratch folder for `name`; `publish` renames it into place when complete."""
+@contextmanager
+def staging(out_dir: Path, name: str) -> Iterator[Path]:
+    """A scratch folder that replaces out_dir/name only if the block completes."""
     tmp = out_dir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def publish(tmp: Path, final: Path) -> Path:
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = out_dir / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return final
 
 
 # ---------------------------------------------------------------------------------------
@@ -524,86 +585,91 @@ def publish(tmp: Path, final: Path) -> Path:
 # ---------------------------------------------------------------------------------------
 
 
-def build_decoder(name: str, spec: Spec, tok, out_dir: Path) -> Path:
-    """Build, save, reload and record goldens for one decoder fixture."""
+def build_decoder(name: str, spec: Spec, tok, folder: Path) -> None:
+    """Make a peaky random model, save it as a Hub folder, reload it, record goldens."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    t0 = time.perf_counter()
     torch.manual_seed(spec.seed)
     config = getattr(transformers, spec.config_cls)(**spec.config)
     model = getattr(transformers, spec.model_cls)._from_config(
         config, attn_implementation="eager", dtype=torch.float32
     )
-    peaky_(model, spec)
+    peaky_(model, spec.matrix_std, spec.embed_std, spec.head_std)
     model.eval()
 
-    folder = atomic_folder(out_dir, name)
     save_kw = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
     model.save_pretrained(folder, **save_kw)
-    eos = [IM_END, EOS] if spec.eos_list else EOS
-    GenerationConfig(bos_token_id=BOS, eos_token_id=eos, pad_token_id=spec.config.get("pad_token_id")).save_pretrained(folder)
+    GenerationConfig(
+        bos_token_id=BOS,
+        eos_token_id=[IM_END, EOS] if spec.eos_list else EOS,
+        pad_token_id=spec.config.get("pad_token_id"),
+    ).save_pretrained(folder)
     if spec.hub_config is not None:
         cfg_path = folder / "config.json"
         write_json(cfg_path, spec.hub_config(json.loads(cfg_path.read_text())))
     save_bpe_tokenizer(tok, folder)
 
-    # Goldens come from the folder as saved, so they describe exactly what mrs will load.
-    loaded = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
-    loaded.eval()
+    # Goldens come from the folder as saved, so they describe exactly what mrs will load;
+    # the in-memory model must agree (this is what checks the 4.x config rewrites).
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     assert type(loaded).__name__ == spec.model_cls, type(loaded)
 
     golden: dict[str, np.ndarray] = {}
-    ids = encode(tok, LOGITS_TEXT, spec.logits_len)
-    golden["logits_ids"] = ids.numpy().astype(np.int32)
-    golden["logits"] = full_logits(loaded, ids)
-    ref = full_logits(model, ids)
-    err = float(np.abs(ref - golden["logits"]).max())
-    assert err < 1e-5, f"{name}: reloaded folder changes logits by {err}"
-    if spec.long_logits_len:
-        long_ids = encode(tok, LOGITS_TEXT, spec.long_logits_len)
-        golden["long_logits_ids"] = long_ids.numpy().astype(np.int32)
-        golden["long_logits"] = full_logits(loaded, long_ids)
-        assert np.abs(full_logits(model, long_ids) - golden["long_logits"]).max() < 1e-5
+    lengths = {"": spec.logits_len, "long_": spec.long_logits_len}
+    for prefix, n in lengths.items():
+        if n is None:
+            continue
+        ids = encode(tok, LOGITS_TEXT, n)
+        golden[f"{prefix}logits_ids"] = ids.numpy().astype(np.int32)
+        golden[f"{prefix}logits"] = full_logits(loaded, ids)
+        err = float(np.abs(full_logits(model, ids) - golden[f"{prefix}logits"]).max())
+        assert err < 1e-5, f"{name}: the saved folder changes {prefix}logits by {err:.2e}"
 
-    margins = []
-    consistent, distinct = True, []
+    margins, distinct, consistent = [], [], True
     for i, n in enumerate(PROMPT_LENS):
         prompt = encode(tok, PROMPT_TEXT, n)
         tokens, margin = greedy(loaded, prompt)
         assert margin > MIN_MARGIN, (
-            f"{name}: greedy prompt {i} has a top-1/top-2 margin of {margin:.2e}; "
-            f"pick another seed for this fixture"
+            f"{name}: greedy prompt {i} has a top-1/top-2 margin of {margin:.2e} "
+            f"<= {MIN_MARGIN}; pick another seed for this fixture"
         )
         assert len(set(tokens.tolist())) >= 8, f"{name}: greedy prompt {i} is degenerate: {tokens}"
         golden[f"prompt_{i}"] = prompt.numpy().astype(np.int32)
         golden[f"greedy_{i}"] = tokens
         margins.append(margin)
         distinct.append(len(set(tokens.tolist())))
-        # Does the cached run agree with one uncached forward over prompt + output?
+        # For the log: does one uncached forward over prompt + output pick the same tokens?
+        # (Not for dynamic/longrope rope: their frequencies depend on each call's length.)
         seq = torch.cat([prompt, torch.from_numpy(tokens[:-1]).long()[None]], dim=1)
-        recomputed = full_logits(loaded, seq)[0, n - 1 :].argmax(-1)
-        consistent &= bool((recomputed == tokens).all())
+        consistent &= bool((full_logits(loaded, seq)[0, n - 1 :].argmax(-1) == tokens).all())
     golden["margin_min"] = np.float32(min(margins))
     np.savez(folder / "golden.npz", **golden)
     log.info(
-        "%-14s margin_min %.3f  distinct greedy tokens %s  cached == uncached recompute: %s",
+        "%-14s %4.1fs  margin_min %.3f  distinct greedy tokens %s  cached == uncached: %s",
         name,
+        time.perf_counter() - t0,
         min(margins),
         distinct,
         consistent,
     )
-    return publish(folder, out_dir / name)
 
 
-def build_bert(out_dir: Path, seed: int = 0) -> Path:
-    """BERT encoder + WordPiece tokenizer + sentence-transformers module files."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import processors, trainers
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
-
-    folder = atomic_folder(out_dir, "bert")
+def train_wordpiece_tokenizer():
+    """A lower-casing BERT WordPiece tokenizer that wraps text in [CLS] ... [SEP]."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -619,6 +685,40 @@ def build_bert(out_dir: Path, seed: int = 0) -> Path:
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
+    assert tok.get_vocab_size() <= VOCAB
+    return tok
+
+
+def save_sentence_transformers_files(folder: Path, dim: int) -> None:
+    """modules.json etc.: Transformer -> mean Pooling -> Normalize, as all-MiniLM ships."""
+    write_json(
+        folder / "modules.json",
+        [
+            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+            for i, (path, kind) in enumerate(
+                [("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+            )
+        ],
+    )
+    (folder / "1_Pooling").mkdir()
+    modes = ["cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+             "weightedmean_tokens", "lasttoken"]  # fmt: skip
+    pooling = {f"pooling_mode_{m}": m == "mean_tokens" for m in modes}
+    write_json(
+        folder / "1_Pooling" / "config.json",
+        {"word_embedding_dimension": dim, **pooling, "include_prompt": True},
+    )
+    (folder / "2_Normalize").mkdir()
+    write_json(folder / "sentence_bert_config.json", {"max_seq_length": 64, "do_lower_case": False})
+
+
+def build_bert(folder: Path, seed: int = 0) -> None:
+    """BERT encoder + WordPiece tokenizer + sentence-transformers files + goldens."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+    t0 = time.perf_counter()
+    tok = train_wordpiece_tokenizer()
     tok.save(str(folder / "tokenizer.json"))
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     (folder / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
@@ -649,48 +749,21 @@ def build_bert(out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=tok.token_to_id("[PAD]"),
     )
     model = BertModel._from_config(config, attn_implementation="eager", dtype=torch.float32)
-    peaky_(model, Spec("", "BertConfig", "BertModel", {}, embed_std=0.5))
-    model.eval()
-    model.save_pretrained(folder)
-
-    write_json(
-        folder / "modules.json",
-        [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-        ],
-    )
-    (folder / "1_Pooling").mkdir()
-    write_json(
-        folder / "1_Pooling" / "config.json",
-        {
-            "word_embedding_dimension": 64,
-            "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True,
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-            "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False,
-            "include_prompt": True,
-        },
-    )
-    (folder / "2_Normalize").mkdir()
-    write_json(folder / "sentence_bert_config.json", {"max_seq_length": 64, "do_lower_case": False})
+    peaky_(model, matrix_std=0.15, embed_std=0.5, head_std=0.5)
+    model.eval().save_pretrained(folder)
+    save_sentence_transformers_files(folder, config.hidden_size)
     write_json(folder / "texts.json", BERT_TEXTS)
 
-    at = AutoTokenizer.from_pretrained(folder)
-    batch = at(BERT_TEXTS, padding=True, return_tensors="pt")
-    direct = [tok.encode(t).ids for t in BERT_TEXTS]
-    for row, ids in zip(batch["input_ids"].tolist(), direct):
+    batch = AutoTokenizer.from_pretrained(folder)(BERT_TEXTS, padding=True, return_tensors="pt")
+    for row, text in zip(batch["input_ids"].tolist(), BERT_TEXTS):
+        ids = tok.encode(text).ids
         assert row[: len(ids)] == ids, (row, ids)  # transformers tokenizes as tokenizer.json does
     loaded = AutoModel.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
-    loaded.eval()
     with torch.no_grad():
-        hidden = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = loaded.eval()(**batch).last_hidden_state
+        assert torch.allclose(hidden, model(**batch).last_hidden_state, atol=1e-5)
     mask = batch["attention_mask"][..., None].float()
-    pooled = (hidden * mask).sum(1) / mask.sum(1)
-    emb = torch.nn.functional.normalize(pooled, dim=-1)
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     np.savez(
         folder / "golden.npz",
         input_ids=batch["input_ids"].numpy().astype(np.int32),
@@ -698,38 +771,51 @@ def build_bert(out_dir: Path, seed: int = 0) -> Path:
         last_hidden_state=hidden.numpy().astype(np.float32),
         embeddings=emb.numpy().astype(np.float32),
     )
-    log.info("%-14s lengths %s", "bert", batch["attention_mask"].sum(1).tolist())
-    return publish(folder, out_dir / "bert")
+    lengths = batch["attention_mask"].sum(1).tolist()
+    log.info("%-14s %4.1fs  token counts %s", "bert", time.perf_counter() - t0, lengths)
 
 
 def build_all(out_dir: Path = DEFAULT_OUT, only: list[str] | None = None) -> dict[str, Path]:
     """Build the named fixtures (all by default) under out_dir; return name -> folder.
 
-    The stamp file is written only after a full build, so a partial build never
-    passes for a complete one.
+    Each fixture is built in a scratch folder and renamed into place when complete.
+    The stamp is written only after a full build, so a partial build never passes
+    for a complete one.
     """
     import torch
+    from transformers.utils import logging as hf_logging
 
     unknown = set(only or []) - set(FIXTURES)
     if unknown:
-        raise SystemExit(f"unknown fixture(s) {sorted(unknown)}; known: {sorted(FIXTURES)}")
+        raise ValueError(f"unknown fixture(s) {sorted(unknown)}; known: {sorted(FIXTURES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STAMP_FILE).unlink(missing_ok=True)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-    names = [n for n in FIXTURES if only is None or n in only]
-    built: dict[str, Path] = {}
-    tok = None
-    for name in names:
-        if name == "bert":
-            built[name] = build_bert(out_dir)
-            continue
-        if tok is None:
-            tok = train_bpe_tokenizer()
-        built[name] = build_decoder(name, SPECS[name], tok, out_dir)
-        if name == names[0]:
-            check_bpe_tokenizer(built[name])
+    verbosity, threads = hf_logging.get_verbosity(), torch.get_num_threads()
+    hf_logging.set_verbosity_error()  # kernel-fallback notices, deprecations
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead (conv1d: ~50x)
+    try:
+        built: dict[str, Path] = {}
+        tok = None
+        for name in FIXTURES:
+            if only is not None and name not in only:
+                continue
+            with staging(out_dir, name) as folder:
+                if name == "bert":
+                    build_bert(folder)
+                else:
+                    if tok is None:
+                        tok = train_bpe_tokenizer()
+                    build_decoder(name, SPECS[name], tok, folder)
+                    if len(built) == 0:
+                        check_bpe_tokenizer(folder)
+            built[name] = out_dir / name
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+        torch.set_num_threads(threads)
     if only is None:
         write_json(out_dir / STAMP_FILE, stamp())
     return built
@@ -737,14 +823,19 @@ def build_all(out_dir: Path = DEFAULT_OUT, only: list[str] | None = None) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    ap.add_argument("--only", nargs="+", metavar="NAME", choices=sorted(FIXTURES), help="build only these")
+    ap.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--only", nargs="+", metavar="NAME", choices=sorted(FIXTURES), help="build only these"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     t0 = time.perf_counter()
-    built = build_all(args.out, args.only)
+    with locked(args.out):
+        built = build_all(args.out, args.only)
     log.info("built %d fixtures in %s in %.1fs", len(built), args.out, time.perf_counter() - t0)
 
 

@@ -9,7 +9,12 @@ import pytest
 
 import mrs
 from mrs.engine.session import ChatSession
-from mrs.errors import ContextLengthError, InvalidParameterError, MrsError, TokenizerError
+from mrs.errors import (
+    ContextLengthError,
+    InvalidParameterError,
+    MrsError,
+    TokenizerError,
+)
 from mrs.tokenizer import StreamDecoder
 
 

@@ -40,12 +40,15 @@ def test_logits_match_transformers(loaded, name):
 def test_greedy_tokens_match_transformers_at_batch_1_and_batch_3(loaded, name):
     model, golden = loaded(name)
     prompts = [golden[f"prompt_{i}"][0].tolist() for i in range(3)]
+    # llama-dynamic's context (32 positions x factor 2) is shorter than 17 + 64 tokens:
+    # each row is compared over what fits, which still runs well past position 32.
+    expected = [golden[f"greedy_{i}"].tolist()[:model.context_length - len(p)] for i, p in enumerate(prompts)]
     alone = mrs.generate(model, prompts[1], max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-    assert alone.token_ids == golden["greedy_1"].tolist()
+    assert alone.token_ids == expected[1]
     assert alone.finish_reason == "length"
     batch = mrs.generate_batch(model, prompts, max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     for i, completion in enumerate(batch):
-        assert completion.token_ids == golden[f"greedy_{i}"].tolist(), f"row {i} differs from its batch-1 run"
+        assert completion.token_ids == expected[i], f"row {i} differs from its batch-1 run"
 
 
 def test_both_config_dialects_are_read(fixture_path):

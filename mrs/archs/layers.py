@@ -170,6 +170,10 @@ class Rope:
             raise UnsupportedModelError(f"longrope factors must have {rope.rotary_dim // 2} entries each")
         return rope
 
+    def context_length(self, max_position: int) -> int:
+        """Dynamic NTK is made to run past max_position_embeddings, by its factor."""
+        return int(max_position * self.factor) if self.kind == "dynamic" else max_position
+
     def base_inv_freq(self) -> np.ndarray:
         """[rotary_dim/2] float32 frequencies before any length-dependent scaling."""
         exponents = np.arange(0, self.rotary_dim, 2, dtype=np.int64).astype(np.float32) / self.rotary_dim

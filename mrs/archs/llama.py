@@ -50,6 +50,11 @@ class LlamaConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
 
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model is meant for; dynamic NTK rope stretches it by its factor."""
+        return self.rope.context_length(self.max_position_embeddings)
+
     @classmethod
     def from_hf(cls, config: dict) -> "LlamaConfig":
         model_type = config.get("model_type", "llama")

@@ -176,13 +176,13 @@ class MambaForCausalLM(nnx.Module):
             x = last_valid(x, positions)
         x = x.astype(self.backbone.embeddings.weight.dtype)
         logits = self.lm_head(x) if self.lm_head is not None else self.backbone.embeddings.attend(x)
-        return logits, SSMCache(tuple(conv), tuple(ssm), advance(cache.lengths, positions))
+        return logits, SSMCache(tuple(conv), tuple(ssm), advance(cache.lengths, positions), cache.max_len)
 
     @staticmethod
     def init_cache(cfg: MambaConfig, slots: int, max_len: int, dtype: Any) -> SSMCache:
-        """Constant-size state: ``max_len`` is accepted for the engine's sake and ignored."""
+        """Constant-size state; ``max_len`` is only recorded (see ``SSMCache.init``)."""
         return SSMCache.init(cfg.num_hidden_layers, slots, cfg.conv_kernel, cfg.intermediate_size,
-                             cfg.state_size, dtype)
+                             cfg.state_size, dtype, max_len)
 
 
 def ignored(name: str) -> bool:

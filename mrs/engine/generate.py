@@ -168,10 +168,11 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     if longest >= context:
         raise ContextLengthError(f"prompt of {longest} tokens does not fit the context of {context} tokens "
                                  "(leaving room for at least one new token)")
-    new_tokens = min(int(max_tokens), context - longest)
     rows = [_Row(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos) for ids in encoded]
+    new_tokens = max(r.max_tokens for r in rows)
     if cache is None:
-        cache = model.init_cache(batch, bucket(longest + new_tokens, MIN_CACHE_BUCKET, context))
+        needed = max(len(ids) + r.max_tokens for ids, r in zip(encoded, rows))
+        cache = model.init_cache(batch, bucket(needed, MIN_CACHE_BUCKET, context))
         reuse = [0] * batch
     reuse = [min(int(k), len(ids) - 1) for k, ids in zip(reuse or [0] * batch, encoded)]
     max_len = cache_max_len(cache)

@@ -1,0 +1,65 @@
+"""Shared pytest setup: CPU JAX, no Hub access, and the transformers-built model fixtures.
+
+`fixtures_dir` is `<repo>/.fixtures`, rebuilt by scripts/make_fixtures.py whenever its
+stamp is stale (first run on a fresh clone: ~20 s of CPU), so plain `pytest` just works.
+Tests that take a `fixture_name` or `decoder_name` argument run once per fixture.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_make_fixtures():
+    """Import scripts/make_fixtures.py by path (scripts/ is not a package); cheap: no torch."""
+    name = "mrs_make_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "make_fixtures.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+make_fixtures = _load_make_fixtures()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize `fixture_name` over every fixture and `decoder_name` over the decoders."""
+    if "fixture_name" in metafunc.fixturenames:
+        metafunc.parametrize("fixture_name", list(make_fixtures.FIXTURES))
+    if "decoder_name" in metafunc.fixturenames:
+        metafunc.parametrize("decoder_name", list(make_fixtures.SPECS))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The built fixtures folder; (re)built here when its stamp does not match the script."""
+    out = make_fixtures.DEFAULT_OUT
+    if not make_fixtures.is_current(out):
+        with make_fixtures.locked(out):  # concurrent sessions/workers: one builds, others wait
+            if not make_fixtures.is_current(out):
+                make_fixtures.build_all(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fixture_path(fixtures_dir: Path) -> Callable[[str], Path]:
+    """`fixture_path("llama")` -> the folder of that fixture."""
+
+    def path(name: str) -> Path:
+        if name not in make_fixtures.FIXTURES:
+            raise KeyError(f"no fixture {name!r}; known: {sorted(make_fixtures.FIXTURES)}")
+        return fixtures_dir / name
+
+    return path
