@@ -150,7 +150,7 @@ class Batcher:
 
     # ----- public API (any thread) -------------------------------------------------
 
-    def start(self) -> "Batcher":
+    def start(self) -> Batcher:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"mrs-batcher[{self.model.name}]", daemon=True)
             self._thread.start()
@@ -188,7 +188,8 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise ServerBusyError(f"model {self.model.name} is unloading; retry")
-            if len(self._pending) >= self.max_queue:
+            free = sum(1 for r in self._rows if r is None)  # about to be admitted, not waiting
+            if len(self._pending) >= self.max_queue + free:
                 raise ServerBusyError(f"the request queue of {self.model.name} is full "
                                       f"({self.max_queue} waiting); retry shortly")
             self._pending.append(request)
@@ -207,11 +208,12 @@ class Batcher:
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
-        """Gauges: slots, busy slots, queued requests; counters: requests, tokens."""
+        """Gauges: slots, busy slots, queued requests; counters: requests, tokens, compilations."""
         with self._cond:
             busy = sum(1 for r in self._rows if r is not None)
             return {"slots": self.slots, "busy": busy, "queued": len(self._pending),
-                    "requests": self.requests_total, "tokens": self.tokens_total}
+                    "requests": self.requests_total, "tokens": self.tokens_total,
+                    "compiled": self.steps.compiled_count() + _put_row._cache_size()}
 
     @property
     def idle(self) -> bool:
@@ -251,8 +253,9 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._cond:
+                # Idle only when no slot is taken: a finished or cancelled row still needs releasing.
                 while (not self._closing and not self._pending and self._inflight is None
-                       and not any(r is not None and r.live for r in self._rows)):
+                       and all(r is None for r in self._rows)):
                     self._cond.wait()
                 if self._closing:
                     break

@@ -1,0 +1,1 @@
+"""The HTTP server: Ollama, OpenAI and model-rs routes (see shared/API.md)."""

