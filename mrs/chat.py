@@ -281,13 +281,12 @@ class Chat:
         """One turn: add the user's message, stream the answer, remember it."""
         c = self.conversation
         c.messages.append({"role": "user", "content": text})
-        options = {k: v for k, v in c.options.items() if v is not None or k == "seed"}
         answer, interrupted = "", False
         pieces: Iterator[str] | None = None
         try:
             with MarkdownStream(self.console) as out:
                 try:
-                    pieces = self.session.stream(c.prompt(), **options)
+                    pieces = self.session.stream(c.prompt(), **c.options)
                     for piece in pieces:
                         answer += piece
                         out.push(piece)
@@ -295,6 +294,7 @@ class Chat:
                     interrupted = True
         except MrsError as e:
             c.messages.pop()
+            self.session.reset()
             self.error(str(e))
             return ""
         finally:
@@ -306,8 +306,11 @@ class Chat:
         c.messages.append({"role": "assistant", "content": answer})
         if self.show_stats and not interrupted and getattr(self.session, "last", None) is not None:
             done = self.session.last
-            self.say(f"{done.completion_tokens} tokens, {done.tokens_per_second:.1f} tok/s, "
-                     f"prefilled {self.session.last_prefill_tokens} new prompt tokens")
+            prefilled = self.session.last_prefill_tokens
+            self.say(f"{done.completion_tokens} tokens, {done.tokens_per_second:.1f} tok/s; prompt "
+                     f"{done.prompt_tokens} tokens: {prefilled} prefilled, {done.prompt_tokens - prefilled} cached")
+        if self.console.is_terminal:
+            self.console.print()  # a blank line between the answer and the next prompt
         return answer
 
 

@@ -1,7 +1,8 @@
 """The `mrs` command line (Fire): thin commands over the library.
 
 Every command validates its input; a user mistake prints one line to stderr and
-exits non-zero, never a traceback.
+exits non-zero, never a traceback. Human output goes through rich (tables, progress,
+markdown); `--format json` gives machine-readable output where it makes sense.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import fire
 
-from mrs.errors import MrsError
+from mrs.errors import ModelNotFoundError, MrsError
 
 log = logging.getLogger("mrs")
 
@@ -32,8 +34,64 @@ def _text(value: Any, name: str) -> str:
     return str(value)
 
 
+def _int(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer, got {value!r}") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise UsageError(f"{name} must be {bounds}, got {number}")
+    return number
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _refs(value: Any, name: str) -> list[str]:
+    """--model a,b / --model '[a, b]' / repeated values -> a list of non-empty names."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    refs = [str(item).strip() for item in items if str(item).strip()]
+    if not refs:
+        raise UsageError(f"{name} needs a model name or folder")
+    return refs
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Not a terminal: do not squeeze tables into 80 columns; a script may be reading them.
+    return Console(highlight=False, stderr=stderr, width=None if stream.isatty() else 200)
+
+
+def _show(renderable: Any) -> None:
+    """Print a rich renderable; into a pipe, without the trailing padding of table cells."""
+    console = _console()
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=1, ensure_ascii=False))
+
+
 class CLI:
     """mrs — run, serve and inspect open LLMs (Llama, Mistral, Granite, Qwen, Phi, Mamba, BERT) on JAX.
+
+    Models: pull, search, list (ls), show (info), rm, cp, verify, checksums.
+    Run: chat (run), generate, embed, serve, ps.  Settings: config.
 
     Global flags (any command): --home DIR (models directory, MRS_HOME), --device auto|cpu|gpu|tpu
     (MRS_DEVICE), --dtype auto|float32|bfloat16 (MRS_DTYPE), --verbose.
@@ -44,10 +102,11 @@ class CLI:
         self._flags = {"home": home, "device": device, "dtype": dtype}
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
-    def _settings(self):
+    def _settings(self, **overrides: Any):
         from mrs.config import Settings
 
-        return Settings.load(**{k: v for k, v in self._flags.items() if v is not None})
+        flags = {k: v for k, v in self._flags.items() if v is not None}
+        return Settings.load(**flags, **{k: v for k, v in overrides.items() if v is not None})
 
     def _load(self, model: str):
         import mrs
@@ -56,6 +115,196 @@ class CLI:
             raise UsageError("--model is required (a folder path or an org/name in the models directory)")
         settings = self._settings()
         return mrs.load(_text(model, "--model"), dtype=settings.dtype, device=settings.device, home=settings.home)
+
+    # -- models on disk -------------------------------------------------------------------
+
+    def pull(self, ref: Any, revision: Any = None, quiet: bool = False):
+        """Download a model from the Hugging Face Hub into the models directory.
+
+        Fetches only what mrs runs (safetensors, configs, tokenizer, chat template). An
+        interrupted pull leaves nothing in `list`; pulling again resumes it.
+
+        Args:
+            ref: the Hub model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
+            revision: a branch, tag or commit (default: main).
+            quiet: no progress bars.
+        """
+        from mrs import hub
+        from mrs.render import PullProgress
+
+        name = hub.repo_id(_text(ref, "REF"))
+        revision = None if revision is None else _text(revision, "--revision")
+        settings = self._settings()
+        try:
+            with PullProgress(_console(stderr=True)) as progress:
+                path = hub.pull(name, settings.home, revision=revision, endpoint=settings.mirror or None,
+                                on_progress=None if quiet else progress)
+        except KeyboardInterrupt:
+            print(f"interrupted: run `mrs pull {name}` again to resume", file=sys.stderr)
+            raise
+        print(f"pulled {name} into {path}")
+
+    def download(self, ref: Any, revision: Any = None, quiet: bool = False):
+        """Alias of pull."""
+        return self.pull(ref, revision=revision, quiet=quiet)
+
+    def search(self, query: Any = "", limit: Any = 20, task: str | None = None, format: str = "table"):
+        """Search the Hub for models mrs can run (safetensors; text generation or embeddings).
+
+        Args:
+            query: words in the model name.
+            limit: how many results (1-1000, default 20).
+            task: only text-generation, feature-extraction or sentence-similarity.
+            format: table or json.
+        """
+        from mrs import hub
+        from mrs.render import search_table
+
+        query = "" if query == "" else _text(query, "QUERY")
+        limit = _int(limit, "--limit", 1, 1000)
+        _choice(format, "--format", ("table", "json"))
+        if task is not None:
+            _choice(task, "--task", hub.SEARCH_TASKS)
+        rows = hub.search(query, limit=limit, endpoint=self._settings().mirror or None, task=task)
+        if format == "json":
+            return _print_json(rows)
+        if not rows:
+            print(f"no models match {query!r}", file=sys.stderr)
+            return
+        _show(search_table(rows))
+
+    def list(self, format: str = "table"):
+        """List the models in the models directory: name, architecture, parameters, dtype, size, modified.
+
+        Args:
+            format: table or json.
+        """
+        from mrs import store
+        from mrs.render import models_table
+
+        _choice(format, "--format", ("table", "json"))
+        home = self._settings().home
+        rows = []
+        for path in store.list_models(home):
+            try:
+                rows.append(store.model_info(path))
+            except MrsError as e:
+                rows.append({"name": store.model_name(path), "path": str(path), "error": str(e)})
+        if format == "json":
+            return _print_json(rows)
+        if not rows:
+            print(f"no models in {home} — get one with `mrs pull org/name`", file=sys.stderr)
+            return
+        _show(models_table(rows))
+
+    def ls(self, format: str = "table"):
+        """Alias of list."""
+        return self.list(format=format)
+
+    def show(self, ref: Any, format: str = "text", template: bool = False):
+        """Show a model: config summary, parameters, context length, chat template, files.
+
+        Args:
+            ref: model name (org/model) or folder path.
+            format: text or json.
+            template: print only the chat template.
+        """
+        from mrs import store
+
+        _choice(format, "--format", ("text", "json"))
+        path = store.resolve(_text(ref, "REF"), self._settings().home)
+        info = store.model_info(path)
+        if template:
+            from mrs.tokenizer import Tokenizer
+
+            text = Tokenizer(path).chat_template if (path / "tokenizer.json").is_file() else None
+            if not text:
+                raise MrsError(f"{info['name']} has no chat template")
+            print(text)
+            return
+        if format == "json":
+            return _print_json(info)
+        _show(_show_table(path, info))
+
+    def info(self, ref: Any, format: str = "text", template: bool = False):
+        """Alias of show."""
+        return self.show(ref, format=format, template=template)
+
+    def rm(self, *refs: Any, yes: bool = False):
+        """Remove models from the models directory (asks first unless --yes).
+
+        Args:
+            refs: one or more model names (org/model).
+            yes: do not ask.
+        """
+        from mrs import store
+        from mrs.render import human_bytes
+
+        if not refs:
+            raise UsageError("name the model(s) to remove, e.g. `mrs rm org/model`")
+        home = self._settings().home
+        names = [store.validate_name(_text(r, "REF")) for r in refs]
+        sizes = {}
+        for name in names:
+            path = store.model_dir(home, name)
+            if not path.is_dir():
+                raise ModelNotFoundError(f"model '{name}' not found in {home}")
+            sizes[name] = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if not yes:
+            listing = ", ".join(f"{n} ({human_bytes(sizes[n])})" for n in names)
+            print(f"Remove {listing} from {home}? [y/N] ", end="", file=sys.stderr, flush=True)
+            answer = sys.stdin.readline().strip().lower()
+            if answer not in ("y", "yes"):
+                raise MrsError("nothing removed (pass --yes to skip the question)")
+        for name in names:
+            store.remove(home, name)
+            print(f"removed {name}")
+
+    def cp(self, src: Any, dst: Any):
+        """Copy a model to a new name (e.g. to keep a variant before changing it).
+
+        Args:
+            src: the model to copy (name or folder).
+            dst: the new name (org/model); must not exist yet.
+        """
+        from mrs import store
+
+        home = self._settings().home
+        path = store.copy(home, _text(src, "SRC"), _text(dst, "DST"))
+        print(f"copied {src} to {store.model_name(path)}")
+
+    def verify(self, ref: Any):
+        """Check a model's files against its SHA-256 manifest (.model_checksums); non-zero exit if any differ.
+
+        Args:
+            ref: model name or folder.
+        """
+        from mrs import store
+
+        path = store.resolve(_text(ref, "REF"), self._settings().home)
+        result = store.verify(path)
+        print(f"ok: {result['checked']} files of {store.model_name(path)} match their SHA-256")
+        if result["unlisted"]:
+            print(f"note: not in the manifest: {', '.join(result['unlisted'])}", file=sys.stderr)
+
+    def checksums(self, ref: Any, write: bool = False):
+        """Print a model's SHA-256 manifest; --write (re)computes and records it.
+
+        Args:
+            ref: model name or folder.
+            write: hash the files now and record the result (do this only when you trust the files).
+        """
+        from mrs import store
+
+        path = store.resolve(_text(ref, "REF"), self._settings().home)
+        manifest = store.read_checksums(path)
+        if write or manifest is None:
+            manifest = store.write_checksums(path, source=(manifest or {}).get("source"))
+            print(f"wrote {path / store.CHECKSUMS}", file=sys.stderr)
+        for name, entry in manifest["files"].items():
+            print(f"{entry['sha256']}  {name}")
+
+    # -- running ---------------------------------------------------------------------------
 
     def generate(self, prompt: Any, model: str = "", max_tokens: int = 256, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.9, min_p: float = 0.0, repeat_penalty: float = 1.0,
@@ -93,8 +342,8 @@ class CLI:
             request = ([{"role": "system", "content": _text(system, "--system")}] if system is not None else []) + \
                       [{"role": "user", "content": text}]
         stops = None if stop is None else _text(stop, "--stop").split(",")
-        options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       repeat_penalty=repeat_penalty, seed=seed, stop=stops)
+        options = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                   "min_p": min_p, "repeat_penalty": repeat_penalty, "seed": seed, "stop": stops}
         if format == "json":
             done = mrs.generate(loaded, request, **options)
             print(json.dumps({"model": loaded.name, "text": done.text, "finish_reason": done.finish_reason,
@@ -106,6 +355,199 @@ class CLI:
             sys.stdout.flush()
         sys.stdout.write("\n")
 
+    def chat(self, ref: Any, prompt: Any = None, system: Any = None, temperature: Any = None, top_p: Any = None,
+             top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
+             save_on_exit: bool = False, stats: bool = False):
+        """Chat with a model in the terminal (markdown answers, slash commands; /help lists them).
+
+        Args:
+            ref: model name (org/model) or folder path.
+            prompt: answer this one message and exit instead of starting the REPL.
+            system: a system message.
+            temperature: sampling temperature; 0 is greedy (default 0.8).
+            top_p: nucleus sampling mass in (0, 1] (default 0.9).
+            top_k: keep the K most likely tokens; 0 is off (default 40).
+            max_tokens: most tokens per answer (default 1024).
+            seed: integer seed for repeatable answers.
+            session: a session file: loaded at start if it exists.
+            save_on_exit: save the conversation to --session when leaving.
+            stats: print tokens, speed and prefilled tokens after each answer.
+        """
+        from mrs.chat import Chat, Conversation, parse_option
+
+        model_ref = _text(ref, "REF")
+        if save_on_exit and session is None:
+            raise UsageError("--save-on-exit needs --session FILE")
+        session_file = None if session is None else Path(_text(session, "--session")).expanduser()
+        conversation = Conversation()
+        if session_file is not None and session_file.exists():
+            conversation, _ = Conversation.load(session_file)
+        flags = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens, "seed": seed}
+        for key, value in flags.items():
+            if value is not None:
+                conversation.options[key] = parse_option(key, str(value))
+        if system is not None:
+            conversation.system = _text(system, "--system")
+        console = _console()
+        model = self._load(model_ref)
+        repl = Chat(model, load_model=self._load, console=console, conversation=conversation,
+                    session_file=session_file, save_on_exit=save_on_exit, show_stats=stats)
+        if prompt is not None:
+            repl.ask(_text(prompt, "PROMPT"))
+            if save_on_exit:
+                conversation.save(session_file, model.name)
+            return
+        repl.run()
+
+    def run(self, ref: Any, prompt: Any = None, system: Any = None, temperature: Any = None, top_p: Any = None,
+            top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
+            save_on_exit: bool = False, stats: bool = False):
+        """Alias of chat."""
+        return self.chat(ref, prompt=prompt, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
+                         max_tokens=max_tokens, seed=seed, session=session, save_on_exit=save_on_exit,
+                         stats=stats)
+
+    def embed(self, *texts: Any, model: Any = ""):
+        """Embed texts with an embedding model; prints JSON {"model", "embeddings": [[...], ...]}.
+
+        Args:
+            texts: one or more texts; '-' reads one text per line from stdin.
+            model: embedding model (e.g. a sentence-transformers BERT) name or folder (required).
+        """
+        items = [_text(t, "TEXT") for t in texts]
+        if items == ["-"]:
+            items = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not items:
+            raise UsageError("give at least one TEXT to embed (or '-' to read lines from stdin)")
+        try:
+            from mrs.embed import embed
+        except ImportError as e:
+            raise MrsError(f"embeddings are not available in this build ({e})") from e
+        loaded = self._load(model)
+        vectors = embed(loaded, items)
+        print(json.dumps({"model": loaded.name, "embeddings": [[float(x) for x in row] for row in vectors]}))
+
+    def serve(self, model: Any = None, host: Any = None, port: Any = None, max_batch: Any = None,
+              preload: bool = False):
+        """Serve models over HTTP: the Ollama API (/api/*), the OpenAI API (/v1/*) and mrs's own routes.
+
+        Args:
+            model: model(s) to offer, comma-separated (default: every model in the models directory).
+            host: address to listen on (default 127.0.0.1, MRS_HOST).
+            port: port (default 11434, MRS_PORT).
+            max_batch: requests decoded together per model (default 8, MRS_MAX_BATCH).
+            preload: load the models before accepting requests.
+        """
+        from mrs import store
+
+        refs = _refs(model, "--model")
+        overrides = {
+            "host": None if host is None else _text(host, "--host"),
+            "port": None if port is None else _int(port, "--port", 0, 65535),
+            "max_batch": None if max_batch is None else _int(max_batch, "--max-batch", 1),
+        }
+        if preload and not refs:
+            raise UsageError("--preload needs --model (which models to load first)")
+        settings = self._settings(**overrides)
+        for ref in refs:
+            store.resolve(ref, settings.home)  # a typo fails now, not at the first request
+        try:
+            from mrs.server.app import serve
+        except ImportError as e:
+            raise MrsError(f"the HTTP server is not available in this build ({e})") from e
+        serve(settings, models=refs, preload=preload)
+
+    def ps(self, url: Any = None, format: str = "table"):
+        """Show the models loaded in a running mrs (or Ollama) server, via its /api/ps.
+
+        Args:
+            url: the server (default http://HOST:PORT from the settings).
+            format: table or json.
+        """
+        import urllib.error
+        import urllib.request
+
+        from mrs.render import ps_table
+
+        _choice(format, "--format", ("table", "json"))
+        if url is None:
+            settings = self._settings()
+            host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+            url = f"http://{host}:{settings.port}"
+        url = _text(url, "--url").rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--url must start with http:// or https://, got {url!r}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/ps", timeout=10) as response:
+                data = json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            raise MrsError(f"{url}/api/ps answered HTTP {e.code}; is that an mrs or Ollama server?") from e
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise MrsError(f"no server answering at {url} ({reason}); start one with `mrs serve`") from e
+        except json.JSONDecodeError as e:
+            raise MrsError(f"{url}/api/ps did not answer JSON; is that an mrs or Ollama server?") from e
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise MrsError(f"{url}/api/ps answered without a 'models' list")
+        if format == "json":
+            return _print_json(models)
+        if not models:
+            print("no models loaded", file=sys.stderr)
+            return
+        _show(ps_table(models))
+
+    # -- settings --------------------------------------------------------------------------
+
+    def config(self, action: str = "show", path: Any = None, force: bool = False):
+        """Settings: show | sources | init | validate | env | path.
+
+        show: the effective settings as TOML. sources: each value and where it came from
+        (default, config file, .env, environment, flag). init: write a commented config
+        file. validate: check the config file. env: the MRS_* variables. path: where the
+        config file is (MRS_CONFIG overrides).
+
+        Args:
+            action: show, sources, init, validate, env or path.
+            path: the config file for init/validate (default: the user config file).
+            force: init overwrites an existing file.
+        """
+        from mrs import config as cfg
+
+        _choice(action, "ACTION", ("show", "sources", "init", "validate", "env", "path"))
+        file = Path(_text(path, "--path")).expanduser() if path is not None else cfg.config_file()
+        if action == "path":
+            print(file)
+        elif action == "init":
+            print(f"wrote {cfg.init_file(file, force=force)}")
+        elif action == "validate":
+            problems = cfg.check_file(file)
+            if problems:
+                raise MrsError(f"{file}: " + "; ".join(problems))
+            self._settings()  # the other layers (.env, MRS_*) must be valid too
+            print(f"{file} is valid")
+        elif action == "show":
+            sys.stdout.write(cfg.render_toml(self._settings()))
+        elif action == "sources":
+            from rich.table import Table
+
+            settings = self._settings()
+            table = Table(box=None, pad_edge=False, header_style="bold")
+            for column in ("SETTING", "VALUE", "SOURCE"):
+                table.add_column(column)
+            for line, name in zip(cfg.render_toml(settings).splitlines(), settings.as_dict(), strict=True):
+                table.add_row(name, line.split(" = ", 1)[1], settings.sources.get(name, "default"))
+            _show(table)
+        elif action == "env":
+            from rich.table import Table
+
+            table = Table(box=None, pad_edge=False, header_style="bold")
+            for column in ("VARIABLE", "VALUE", "SETS"):
+                table.add_column(column)
+            for row in cfg.env_rows():
+                table.add_row(*row)
+            _show(table)
+
     def version(self):
         """Print the mrs version."""
         import mrs
@@ -113,11 +555,104 @@ class CLI:
         print(mrs.__version__)
 
 
+
+def _show_table(path: Path, info: dict):
+    from rich.table import Table
+
+    from mrs import store
+    from mrs.render import ago, human_bytes
+
+    config = store.read_json(path / "config.json")
+    table = Table(box=None, pad_edge=False, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rows = [
+        ("name", info["name"]),
+        ("architecture", f"{info['architecture']} ({info['model_type']})"),
+        ("parameters", f"{info['parameter_size']} ({info['parameters']:,})"),
+        ("dtype", info["dtype"]),
+        ("context length", str(info["context_length"] or "unlimited (recurrent)")),
+        ("embedding length", str(info["embedding_length"] or "?")),
+        ("layers", str(config.get("num_hidden_layers") or config.get("n_layer") or "?")),
+        ("attention heads", "{} (kv {})".format(config.get("num_attention_heads", "?"),
+                                                config.get("num_key_value_heads", config.get("num_attention_heads", "?")))),
+        ("vocabulary", str(config.get("vocab_size", "?"))),
+        ("rope", str(rope.get("rope_type") or rope.get("type") or "default") if rope else "default"),
+        ("chat template", "yes" if info["chat_template"] else "no"),
+        ("size", human_bytes(info["size_bytes"])),
+        ("modified", ago(info["modified"])),
+        ("digest", info["digest"]),
+        ("path", info["path"]),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    table.add_row("files", "\n".join(f"{f}  [dim]{human_bytes((path / f).stat().st_size)}[/dim]"
+                                     for f in info["files"]))
+    return table
+
+
+def _display(lines: list[str], out) -> None:
+    """Fire's help printer, without its pager (help is short; a pager would hang scripts)."""
+    out.write("\n".join(lines) + "\n")
+
+
+GLOBAL_FLAGS = ("home", "device", "dtype", "verbose")
+
+
+def _prepare(argv: list[str]) -> list[str]:
+    """Check flags before Fire runs anything, and route help.
+
+    Fire runs a command first and complains about a flag it could not use after, so a
+    typo (`mrs pull x --revison v1`) would pull the wrong revision; here it fails first,
+    in one line. ``-h`` always means help (Fire would read it as ``--home``), help
+    without a command lists the commands, and ``-`` (stdin) reaches the command.
+    """
+    argv = ["--help" if a == "-h" else a for a in argv]
+    if "--" in argv:
+        head, tail = argv[: argv.index("--")], argv[argv.index("--"):]
+    else:
+        head, tail = argv, []
+    command, i = None, 0
+    while i < len(head):
+        token = head[i]
+        if token.startswith("--"):
+            if token[2:] in ("home", "device", "dtype"):
+                i += 1  # its value is the next token
+        elif not token.startswith("-") or token[1:].replace(".", "", 1).isdigit():
+            command = token
+            break
+        i += 1
+    if "-" in head:  # '-' means stdin here; Fire would take it for its call separator
+        tail = (tail or ["--"]) + ["--separator=\x1f"]
+        argv = head + tail
+    if command is None:
+        return [a for a in head if a != "--help"] + tail if "--help" in head else argv
+    method = getattr(CLI, command, None)
+    if command.startswith("_") or not callable(method):
+        commands = sorted(n for n in dir(CLI) if not n.startswith("_") and callable(getattr(CLI, n)))
+        raise UsageError(f"unknown command {command!r}; commands: {', '.join(commands)}")
+    import inspect
+
+    allowed = set(inspect.signature(method).parameters) | set(GLOBAL_FLAGS) | {"help"}
+    for token in head[i + 1:]:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in allowed and not (name.startswith("no") and name[2:] in allowed):
+            raise UsageError(f"unknown flag --{name.replace('_', '-')} for `mrs {command}`; "
+                             f"see `mrs {command} --help`")
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mrs` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    fire.core.Display = _display
     try:
-        fire.Fire(CLI, command=argv, name="mrs")
+        fire.Fire(CLI, command=_prepare(sys.argv[1:] if argv is None else list(argv)), name="mrs")
+    except fire.core.FireExit as e:
+        return int(e.code or 0)
     except MrsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -101,6 +101,9 @@ class _HubErrors:
             RevisionNotFoundError,
         )
 
+        if type(error).__name__ == "OfflineModeIsEnabled":
+            raise HubError("HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it to pull or search") \
+                from error
         if isinstance(error, GatedRepoError):
             raise MrsError(f"'{self.name}' is gated: accept its terms on the model page, then set HF_TOKEN "
                            "to a token of that account") from error
@@ -298,7 +301,7 @@ def pull(ref: str, home: Path, *, revision: str | None = None, endpoint: str | N
         index = None
         if INDEX in entries:
             download(INDEX)
-            index = store._read_json(partial / INDEX)
+            index = store.read_json(partial / INDEX)
         wanted = select_files(entries, index)
         _check_repo(name, entries, wanted)
         small_first = sorted(wanted, key=lambda p: p.endswith(".safetensors"))  # a cut leaves the small ones done

@@ -31,11 +31,13 @@ SEPARATOR = "--"
 
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe ``org/model`` or ``model`` name, else raise."""
+    if isinstance(name, str) and any(part in (".", "..") for part in name.replace("\\", "/").split("/")):
+        raise InvalidModelNameError(f"invalid model name {name!r}: it would escape the models directory")
     if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 200:
         raise InvalidModelNameError(
             f"invalid model name {name!r}: use 'org/model' or 'model' with letters, digits, '.', '_' and '-'"
         )
-    if any(part in (".", "..") or part.startswith(".") for part in name.split("/")):
+    if any(part.startswith(".") for part in name.split("/")):
         raise InvalidModelNameError(f"invalid model name {name!r}: parts may not start with '.'")
     if SEPARATOR in name:
         raise InvalidModelNameError(f"invalid model name {name!r}: '{SEPARATOR}' is reserved")
@@ -140,7 +142,7 @@ def model_files(path: Path) -> list[str]:
     return sorted(out)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -170,7 +172,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files a model loads: the index's shards, else every top-level *.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         return [path / s for s in shards]
     return sorted(path.glob("*.safetensors"))
 
@@ -199,7 +201,7 @@ def has_chat_template(path: Path) -> bool:
     config = path / "tokenizer_config.json"
     if config.is_file():
         try:
-            return bool(_read_json(config).get("chat_template"))
+            return bool(read_json(config).get("chat_template"))
         except NotAModelError:
             return False
     return False
@@ -217,7 +219,7 @@ def model_info(path: Path) -> dict:
     """Summary of a model folder without loading weights: what `list`, `show` and /api/tags report."""
     path = Path(path)
     check_model_folder(path)
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     files = model_files(path)
     stats = [(path / f).stat() for f in files]
     parameters, dtype = parameter_summary(path)

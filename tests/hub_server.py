@@ -4,7 +4,8 @@ with byte ranges, and model search. Tests point ``endpoint=`` / MRS_MIRROR / HF_
 ``FakeHub.url``.
 
 Faults are scripted per file: ``hub.faults["model.safetensors"] = ["cut", "fail"]`` makes
-the next GET send half the body and drop the connection, and the one after answer 500.
+the next GET send half the body and drop the connection, and the one after answer 500;
+"corrupt" sends the right number of wrong bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def git_blob_sha1(data: bytes) -> str:
 @dataclass
 class Repo:
     repo_id: str
-    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)   # commit sha -> files
-    refs: dict[str, str] = field(default_factory=dict)                     # branch/tag -> commit sha
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit sha -> files
+    refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit sha
     pipeline_tag: str = "text-generation"
     tags: list[str] = field(default_factory=lambda: ["safetensors", "llama"])
     downloads: int = 0
@@ -61,20 +62,38 @@ class FakeHub:
     def add(self, repo_id: str, files: dict[str, bytes], ref: str = "main", **meta) -> str:
         """Add a commit holding ``files`` to ``repo_id`` under branch/tag ``ref``; returns its sha."""
         repo = self.repos.setdefault(repo_id, Repo(repo_id, **meta))
-        commit = hashlib.sha1(json.dumps([repo_id, ref, sorted((k, git_blob_sha1(v)) for k, v in files.items())])
-                              .encode(), usedforsecurity=False).hexdigest()
+        commit = hashlib.sha1(
+            json.dumps(
+                [repo_id, ref, sorted((k, git_blob_sha1(v)) for k, v in files.items())]
+            ).encode(),
+            usedforsecurity=False,
+        ).hexdigest()
         repo.commits[commit] = dict(files)
         repo.refs[ref] = commit
         return commit
 
-    def add_folder(self, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None, ref: str = "main",
-                   **meta) -> str:
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    def add_folder(
+        self,
+        repo_id: str,
+        folder: Path,
+        extra: dict[str, bytes] | None = None,
+        ref: str = "main",
+        **meta,
+    ) -> str:
+        files = {
+            p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
         return self.add(repo_id, files | (extra or {}), ref=ref, **meta)
 
     def gets(self, path: str) -> list[str | None]:
         """The Range header of every GET of a file path (None for a plain GET)."""
-        return [r for m, p, r in self.requests if m == "GET" and p.endswith("/" + path) and "/resolve/" in p]
+        return [
+            r
+            for m, p, r in self.requests
+            if m == "GET" and p.endswith("/" + path) and "/resolve/" in p
+        ]
 
     # -- lookups used by the handler ------------------------------------------------------
 
@@ -86,8 +105,12 @@ class FakeHub:
 
 def _entry(path: str, data: bytes) -> dict:
     entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
-    if path.endswith(".safetensors") or path.endswith(".bin"):
-        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    if path.endswith((".safetensors", ".bin")):
+        entry["lfs"] = {
+            "oid": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "pointerSize": 134,
+        }
     return entry
 
 
@@ -112,7 +135,9 @@ def _handler(hub: FakeHub):
                 self.wfile.write(body)
 
         def not_found(self, code: str, message: str) -> None:
-            self.send_json({"error": message}, 404, {"X-Error-Code": code, "X-Error-Message": message})
+            self.send_json(
+                {"error": message}, 404, {"X-Error-Code": code, "X-Error-Message": message}
+            )
 
         # -- routing ----------------------------------------------------------------------
 
@@ -149,21 +174,32 @@ def _handler(hub: FakeHub):
 
         def api_model(self, rest: list[str]) -> None:
             repo_id, rest = "/".join(rest[:2]), rest[2:]
-            if not rest or rest[0] == "revision":           # /api/models/{id}[/revision/{rev}]
+            if not rest or rest[0] == "revision":  # /api/models/{id}[/revision/{rev}]
                 found = self.repo_at(repo_id, rest[1] if rest else "main")
                 if found:
                     repo, commit = found
-                    self.send_json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                                    "pipeline_tag": repo.pipeline_tag, "tags": repo.tags,
-                                    "downloads": repo.downloads, "likes": repo.likes,
-                                    "siblings": [{"rfilename": p} for p in sorted(repo.commits[commit])]})
-            elif rest[0] == "tree" and len(rest) >= 2:         # /api/models/{id}/tree/{rev}[/{path}]
+                    self.send_json(
+                        {
+                            "id": repo_id,
+                            "modelId": repo_id,
+                            "sha": commit,
+                            "private": False,
+                            "pipeline_tag": repo.pipeline_tag,
+                            "tags": repo.tags,
+                            "downloads": repo.downloads,
+                            "likes": repo.likes,
+                            "siblings": [{"rfilename": p} for p in sorted(repo.commits[commit])],
+                        }
+                    )
+            elif rest[0] == "tree" and len(rest) >= 2:  # /api/models/{id}/tree/{rev}[/{path}]
                 found = self.repo_at(repo_id, rest[1])
                 if found:
                     repo, commit = found
                     prefix = "/".join(rest[2:])
                     files = repo.commits[commit]
-                    self.send_json([_entry(p, files[p]) for p in sorted(files) if p.startswith(prefix)])
+                    self.send_json(
+                        [_entry(p, files[p]) for p in sorted(files) if p.startswith(prefix)]
+                    )
             else:
                 self.send_json({"error": "no such route"}, 404)
 
@@ -180,7 +216,7 @@ def _handler(hub: FakeHub):
             start = 0
             ranged = self.headers.get("Range")
             if ranged and ranged.startswith("bytes=") and self.command == "GET":
-                start = int(ranged[len("bytes="):].split("-")[0] or 0)
+                start = int(ranged[len("bytes=") :].split("-")[0] or 0)
             fault = None
             if self.command == "GET":
                 with hub.lock:
@@ -189,6 +225,8 @@ def _handler(hub: FakeHub):
             if fault == "fail":
                 return self.send_json({"error": "scripted failure"}, 500)
             body = data[start:]
+            if fault == "corrupt":  # same length, different bytes
+                body = bytes(b ^ 0x55 for b in body)
             self.send_response(206 if start else 200)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{etag}"')
@@ -199,7 +237,7 @@ def _handler(hub: FakeHub):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            if fault == "cut":                                 # half the body, then drop the connection
+            if fault == "cut":  # half the body, then drop the connection
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -209,15 +247,30 @@ def _handler(hub: FakeHub):
 
         def search(self, query: dict[str, str]) -> None:
             text = query.get("search", "").lower()
-            found = [r for r in hub.repos.values()
-                     if text in r.repo_id.lower()
-                     and query.get("pipeline_tag") in (None, r.pipeline_tag)
-                     and query.get("filter") in (None, *r.tags)]
+            found = [
+                r
+                for r in hub.repos.values()
+                if text in r.repo_id.lower()
+                and query.get("pipeline_tag") in (None, r.pipeline_tag)
+                and query.get("filter") in (None, *r.tags)
+            ]
             if query.get("sort") == "downloads":
                 found.sort(key=lambda r: -r.downloads)
             found = found[: int(query.get("limit", 1000))]
-            self.send_json([{"id": r.repo_id, "modelId": r.repo_id, "downloads": r.downloads, "likes": r.likes,
-                             "pipeline_tag": r.pipeline_tag, "tags": r.tags, "private": False,
-                             "createdAt": "2024-05-01T00:00:00.000Z"} for r in found])
+            self.send_json(
+                [
+                    {
+                        "id": r.repo_id,
+                        "modelId": r.repo_id,
+                        "downloads": r.downloads,
+                        "likes": r.likes,
+                        "pipeline_tag": r.pipeline_tag,
+                        "tags": r.tags,
+                        "private": False,
+                        "createdAt": "2024-05-01T00:00:00.000Z",
+                    }
+                    for r in found
+                ]
+            )
 
     return Handler

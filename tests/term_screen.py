@@ -106,7 +106,7 @@ class Screen:
         elif final == "K":
             line, mode = self._line(), nums[0] if nums else 0
             if mode == 0:
-                del line[self.col:]
+                del line[self.col :]
             elif mode == 1:
                 line[: self.col + 1] = [" "] * min(len(line), self.col + 1)
             else:
@@ -114,10 +114,10 @@ class Screen:
         elif final == "J":
             mode = nums[0] if nums else 0
             if mode == 0:
-                del self._line()[self.col:]
-                del self.lines[self.row + 1:]
+                del self._line()[self.col :]
+                del self.lines[self.row + 1 :]
             elif mode in (2, 3):
-                for line in self.lines[self._top():]:
+                for line in self.lines[self._top() :]:
                     line.clear()
 
     def text(self) -> str:
@@ -128,16 +128,29 @@ class Screen:
 class PtySession:
     """A child process on a pseudo-terminal of the given size; ``output`` keeps every byte it wrote."""
 
-    def __init__(self, argv: list[str], env: dict | None = None, width: int = 80, height: int = 40,
-                 cwd: str | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict | None = None,
+        width: int = 80,
+        height: int = 40,
+        cwd: str | None = None,
+    ):
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
         env = dict(os.environ if env is None else env)
         env.update(TERM="xterm-256color", COLUMNS=str(width), LINES=str(height))
         env.pop("NO_COLOR", None)
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
-                                     start_new_session=True, close_fds=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            close_fds=True,
+        )
         os.close(slave)
         self.master, self.width, self.height = master, width, height
         self.output = b""
@@ -160,15 +173,25 @@ class PtySession:
             self.output += chunk
             timeout = 0.05
 
-    def expect(self, needle: str, timeout: float = 60.0) -> str:
-        """Read until ``needle`` appears in the output (decoded, escape codes kept); return the output."""
+    def mark(self) -> int:
+        """A position in the output, for ``expect(..., after=mark)``."""
+        return len(self.output)
+
+    def expect(self, needle: str, timeout: float = 60.0, after: int = 0) -> str:
+        """Read until ``needle`` appears in the output past byte ``after`` (escape sequences ignored)."""
         deadline = time.monotonic() + timeout
-        while needle not in self.output.decode("utf-8", "replace"):
+        while needle not in self.text(after):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{needle!r} not seen; got:\n{self.screen()}")
             if not self.read(0.2) and self.proc.poll() is not None:
-                raise EOFError(f"process exited ({self.proc.returncode}) before {needle!r}; got:\n{self.screen()}")
+                raise EOFError(
+                    f"process exited ({self.proc.returncode}) before {needle!r}; got:\n{self.screen()}"
+                )
         return self.output.decode("utf-8", "replace")
+
+    def text(self, after: int = 0) -> str:
+        """The output past byte ``after``, decoded, without escape sequences (not laid out: see screen())."""
+        return CSI.sub("", OSC.sub("", self.output[after:].decode("utf-8", "replace")))
 
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
