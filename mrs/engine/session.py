@@ -66,11 +66,15 @@ class ChatSession:
         reuse = min(reuse, len(target) - 1)
         self.last_prefill_tokens = len(target) - reuse
         result: RunResult | None = None
-        for event in run(self.model, [target], cache=self._cache, reuse=[reuse], **options):
-            if isinstance(event, RunResult):
-                result = event
-            else:
-                yield event[1]
+        try:
+            for event in run(self.model, [target], cache=self._cache, reuse=[reuse], **options):
+                if isinstance(event, RunResult):
+                    result = event
+                else:
+                    yield event[1]
+        finally:
+            if result is None:  # interrupted or failed: the cache was handed to JAX mid-turn
+                self.reset()
         assert result is not None
         self._cache, self.last = result.cache, result.completions[0]
         held = int(np.asarray(result.cache.lengths)[0])
