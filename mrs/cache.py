@@ -8,7 +8,7 @@ engine donates it to the next, so XLA updates it in place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ class KVCache:
 
     @classmethod
     def init(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
-             dtype: jnp.dtype) -> "KVCache":
+             dtype: jnp.dtype) -> KVCache:
         shape = (slots, kv_heads, max_len, head_dim)
         return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
                    values=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
@@ -35,7 +35,7 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys[0].shape[2]
 
-    def with_layer(self, index: int, keys: jax.Array, values: jax.Array) -> "KVCache":
+    def with_layer(self, index: int, keys: jax.Array, values: jax.Array) -> KVCache:
         return KVCache(keys=self.keys[:index] + (keys,) + self.keys[index + 1:],
                        values=self.values[:index] + (values,) + self.values[index + 1:],
                        lengths=self.lengths)
@@ -94,10 +94,13 @@ class SSMCache:
     conv: tuple[jax.Array, ...]
     ssm: tuple[jax.Array, ...]
     lengths: jax.Array
+    max_len: int = field(default=1 << 30, metadata={"static": True})   # what the engine planned for
 
     @classmethod
     def init(cls, layers: int, slots: int, conv_kernel: int, channels: int, state_size: int,
-             dtype: jnp.dtype) -> "SSMCache":
+             dtype: jnp.dtype, max_len: int = 1 << 30) -> SSMCache:
+        """Zero state. ``max_len`` only records how many positions the caller planned
+        for (the engine sizes its token-history buffers by it); the state never grows."""
         return cls(conv=tuple(jnp.zeros((slots, conv_kernel - 1, channels), dtype) for _ in range(layers)),
                    ssm=tuple(jnp.zeros((slots, channels, state_size), jnp.float32) for _ in range(layers)),
-                   lengths=jnp.zeros((slots,), jnp.int32))
+                   lengths=jnp.zeros((slots,), jnp.int32), max_len=int(max_len))

@@ -420,7 +420,7 @@ class CLI:
         if not items:
             raise UsageError("give at least one TEXT to embed (or '-' to read lines from stdin)")
         try:
-            from mrs.embed import embed
+            from mrs.embedding import embed
         except ImportError as e:
             raise MrsError(f"embeddings are not available in this build ({e})") from e
         loaded = self._load(model)
@@ -576,7 +576,8 @@ def _show_table(path: Path, info: dict):
         ("embedding length", str(info["embedding_length"] or "?")),
         ("layers", str(config.get("num_hidden_layers") or config.get("n_layer") or "?")),
         ("attention heads", "{} (kv {})".format(config.get("num_attention_heads", "?"),
-                                                config.get("num_key_value_heads", config.get("num_attention_heads", "?")))),
+                                                config.get("num_key_value_heads",
+                                                           config.get("num_attention_heads", "?")))),
         ("vocabulary", str(config.get("vocab_size", "?"))),
         ("rope", str(rope.get("rope_type") or rope.get("type") or "default") if rope else "default"),
         ("chat template", "yes" if info["chat_template"] else "no"),

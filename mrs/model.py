@@ -119,6 +119,8 @@ class Model:
 
     def logits(self, token_ids) -> np.ndarray:
         """Full-sequence logits [batch, seq, vocab] float32 for token ids [seq] or [batch, seq]."""
+        if self.arch.kind != "causal":
+            raise MrsError(f"model {self.name} is an {self.arch.kind}: it has no next-token logits; use mrs.embed()")
         ids = np.asarray(token_ids)
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -158,7 +160,8 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
     graphdef, state = nnx.split(abstract)
     expected = {".".join(map(str, path_)): var.get_value() for path_, var in nnx.to_flat_state(state)}
     with jax.default_device(dev):
-        arrays = load_params(path, expected, jdtype, ignore=arch.module.ignored)
+        arrays = load_params(path, expected, jdtype, ignore=arch.module.ignored,
+                             rename=getattr(arch.module, "rename", None))
     flat = nnx.to_flat_state(state)
     for path_, var in flat:
         var.set_value(arrays[".".join(map(str, path_))])

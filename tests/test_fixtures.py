@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import make_fixtures as mf
 
 DECODER_KEYS = {"logits_ids", "logits", "margin_min"} | {

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from mrs.archs import llama, mamba, phi
+from mrs.archs import bert, llama, mamba, phi
 from mrs.errors import UnsupportedModelError
 
 
@@ -33,6 +33,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 ARCHITECTURES["phi"] = Architecture("phi", phi, phi.PhiConfig, phi.PhiForCausalLM)
 ARCHITECTURES["phi3"] = Architecture("phi3", phi, phi.PhiConfig, phi.Phi3ForCausalLM)
 ARCHITECTURES["mamba"] = Architecture("mamba", mamba, mamba.MambaConfig, mamba.MambaForCausalLM)
+ARCHITECTURES["bert"] = Architecture("bert", bert, bert.BertConfig, bert.BertModel, kind="encoder")
 
 
 def register(model_type: str, arch: Architecture) -> None:

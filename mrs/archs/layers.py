@@ -133,7 +133,7 @@ class Rope:
     attention_factor: float = 1.0
 
     @classmethod
-    def from_hf(cls, config: dict, head_dim: int) -> "Rope":
+    def from_hf(cls, config: dict, head_dim: int) -> Rope:
         """Read ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x)."""
         params = dict(config.get("rope_parameters") or {})
         if isinstance(config.get("rope_scaling"), dict):

@@ -56,7 +56,7 @@ class LlamaConfig:
         return self.rope.context_length(self.max_position_embeddings)
 
     @classmethod
-    def from_hf(cls, config: dict) -> "LlamaConfig":
+    def from_hf(cls, config: dict) -> LlamaConfig:
         model_type = config.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
             raise UnsupportedModelError(f"model_type {model_type!r} is not a Llama-family model")

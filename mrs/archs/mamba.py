@@ -17,14 +17,23 @@ Parameter names mirror the HF checkpoints (``backbone.*``, ``lm_head``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from mrs.archs.layers import Embedding, Linear, RMSNorm, activation, last_valid, reading_config
+from mrs.archs.layers import (
+    Embedding,
+    Linear,
+    RMSNorm,
+    activation,
+    last_valid,
+    reading_config,
+)
 from mrs.cache import SSMCache, advance
 from mrs.errors import UnsupportedModelError
 from mrs.kernels.scan import selective_scan
@@ -51,7 +60,7 @@ class MambaConfig:
     tie_word_embeddings: bool = True
 
     @classmethod
-    def from_hf(cls, config: dict) -> "MambaConfig":
+    def from_hf(cls, config: dict) -> MambaConfig:
         if config.get("model_type") not in MODEL_TYPES:
             raise UnsupportedModelError(f"model_type {config.get('model_type')!r} is not a Mamba-1 model")
         with reading_config():
@@ -60,6 +69,8 @@ class MambaConfig:
             kernel = int(config.get("conv_kernel", 4))
             if kernel < 2:
                 raise UnsupportedModelError(f"conv_kernel {kernel} must be at least 2")
+            act = str(config.get("hidden_act", "silu"))
+            activation(act)   # fail at load, not at the first call
             return cls(
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=hidden,
@@ -72,7 +83,7 @@ class MambaConfig:
                 layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
                 use_bias=bool(config.get("use_bias", False)),
                 use_conv_bias=bool(config.get("use_conv_bias", True)),
-                hidden_act=str(config.get("hidden_act", "silu")),
+                hidden_act=act,
                 residual_in_fp32=bool(config.get("residual_in_fp32", True)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
             )
@@ -183,6 +194,11 @@ class MambaForCausalLM(nnx.Module):
         """Constant-size state; ``max_len`` is only recorded (see ``SSMCache.init``)."""
         return SSMCache.init(cfg.num_hidden_layers, slots, cfg.conv_kernel, cfg.intermediate_size,
                              cfg.state_size, dtype, max_len)
+
+
+def rename(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    """Older checkpoints call the embeddings ``backbone.embedding``; transformers renames them too."""
+    yield name.replace("backbone.embedding.", "backbone.embeddings."), array
 
 
 def ignored(name: str) -> bool:

@@ -59,7 +59,7 @@ class PhiConfig:
     sliding_window: int | None = None     # phi3 only
 
     @classmethod
-    def from_hf(cls, config: dict) -> "PhiConfig":
+    def from_hf(cls, config: dict) -> PhiConfig:
         model_type = config.get("model_type")
         if model_type not in MODEL_TYPES:
             raise UnsupportedModelError(f"model_type {model_type!r} is not a Phi model")
@@ -72,9 +72,13 @@ class PhiConfig:
                 raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of "
                                             f"num_key_value_heads {kv_heads}")
             head_dim = hidden // heads
-            defaults = ({"max_position_embeddings": 4096, "original_max_position_embeddings": 4096} if phi3 else
-                        {"max_position_embeddings": 2048, "partial_rotary_factor": 0.5})
+            # transformers' defaults when config.json leaves these out
+            defaults = {"max_position_embeddings": 4096} if phi3 else {"max_position_embeddings": 2048,
+                                                                        "partial_rotary_factor": 0.5}
             rope_config = {**defaults, **{k: v for k, v in config.items() if v is not None}}
+            nested = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+            if phi3 and "original_max_position_embeddings" not in {**rope_config, **nested}:
+                rope_config["original_max_position_embeddings"] = 4096
             if phi3:   # transformers reads Phi-3's old "su" and "yarn" spellings as longrope
                 for key in ("rope_scaling", "rope_parameters"):
                     scaling = rope_config.get(key)
@@ -83,6 +87,8 @@ class PhiConfig:
                             if scaling.get(field) in ("su", "yarn"):
                                 rope_config[key] = scaling = {**scaling, field: "longrope"}
             window = config.get("sliding_window") if phi3 else None
+            act = str(config.get("hidden_act", "silu" if phi3 else "gelu_new"))
+            activation(act)   # fail at load, not at the first call
             return cls(
                 model_type=model_type,
                 vocab_size=int(config["vocab_size"]),
@@ -95,7 +101,7 @@ class PhiConfig:
                 norm_eps=float(config.get("rms_norm_eps" if phi3 else "layer_norm_eps", 1e-5)),
                 max_position_embeddings=int(rope_config["max_position_embeddings"]),
                 rope=Rope.from_hf(rope_config, head_dim),
-                hidden_act=str(config.get("hidden_act", "silu" if phi3 else "gelu_new")),
+                hidden_act=act,
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 qk_layernorm=bool(config.get("qk_layernorm", False)) and not phi3,
                 sliding_window=int(window) if window else None,

@@ -223,8 +223,8 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
 
 
 def cache_max_len(cache: Any) -> int:
-    """How many positions a cache holds (KV caches); SSM caches hold any number."""
-    return int(getattr(cache, "max_len", 1 << 30))
+    """How many positions a cache was planned for (KV and SSM caches both record it)."""
+    return int(cache.max_len)
 
 
 def generate_batch(model: Any, prompts: Sequence[Prompt], **options: Any) -> list[Completion]:

@@ -59,7 +59,7 @@ class ChatSession:
             raise MrsError(f"the conversation ({len(target)} tokens) no longer fits the context of "
                            f"{self.max_len}; use /clear or start a new chat")
         reuse = common_prefix(self._cached, target) if self._cache is not None else 0
-        if not isinstance(self._cache, KVCache) and reuse != len(self._cached):
+        if not isinstance(self._cache, KVCache) and (reuse != len(self._cached) or reuse >= len(target)):
             reuse = 0  # recurrent state cannot rewind: start over
         if self._cache is None or reuse == 0:
             self._cache = self.model.init_cache(1, self.max_len)

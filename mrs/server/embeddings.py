@@ -15,7 +15,7 @@ from mrs.errors import ContextLengthError, MrsError
 
 
 def _run(loaded: Loaded, texts: list[str], truncate: bool) -> tuple[np.ndarray, int]:
-    from mrs.embed import embed_texts, embedder
+    from mrs.embedding import embed_texts, embedder
 
     model = loaded.model
     runner = embedder(model)  # a clear 400 if the model cannot embed
