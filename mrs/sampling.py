@@ -47,6 +47,8 @@ DEFAULTS = MappingProxyType({
 # Log-prob reported for alternatives outside the filtered support: JSON has no -inf.
 FILTERED_LOGPROB = -1e30
 MAX_NUM_TOP = 20
+# Rows with top_k <= CANDIDATES are filtered without sorting the vocabulary.
+CANDIDATES = 64
 _MIN_TEMPERATURE = 1e-6  # below this a positive temperature acts as this (greedy-like)
 _INT32_MAX = 2**31 - 1
 _PRNG_IMPL = "threefry2x32"
@@ -207,16 +209,35 @@ def _penalize(x: jax.Array, params: SamplingParams, history: jax.Array) -> jax.A
 
 
 def _filter(x: jax.Array, params: SamplingParams) -> jax.Array:
-    """HF's TopK, TopP, MinP warpers (min_tokens_to_keep=1), with one sort over the vocab."""
+    """HF's TopK, TopP, MinP warpers (min_tokens_to_keep=1).
+
+    Top-p needs the kept logits in order. When every row that uses top-p also has a
+    top-k of at most `CANDIDATES`, ``lax.top_k`` gives that order ~100x faster than
+    sorting the whole vocabulary (the common case: Ollama's default top_k is 40);
+    otherwise one full sort serves the batch. Both orders give the same result.
+    """
     V = x.shape[-1]
+    K = min(CANDIDATES, V)
+    full_sort = jnp.any(((params.top_k <= 0) | (params.top_k > K)) & (params.top_p < 1))
+    return jax.lax.cond(full_sort,
+                        lambda x: _filter_with(x, params, jnp.sort(x, axis=-1)),
+                        lambda x: _filter_with(x, params, jax.lax.top_k(x, K)[0][:, ::-1]),
+                        x)
+
+
+def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array) -> jax.Array:
+    """Filter x [B, V] given ``asc`` [B, C]: its C largest logits, ascending (C <= V)."""
     ninf = jnp.float32(-jnp.inf)
-    asc = jnp.sort(x, axis=-1)  # [B, V] ascending, as HF's TopP sorts
-    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, V), V)
-    kth = jnp.take_along_axis(asc, (V - k)[:, None], axis=-1)  # k-th largest, [B, 1]
+    C = asc.shape[-1]
+    k = jnp.minimum(params.top_k, C)
+    kth = jnp.take_along_axis(asc, jnp.maximum(C - k, 0)[:, None], axis=-1)  # k-th largest, [B, 1]
+    kth = jnp.where((params.top_k > 0)[:, None], kth, ninf)
     x, asc = jnp.where(x >= kth, x, ninf), jnp.where(asc >= kth, asc, ninf)
     # Top-p: drop the low tail whose cumulative mass is <= 1 - top_p; keep the top token.
+    # Tokens outside `asc` are already -inf here whenever top-p is on, so softmax over
+    # `asc` is softmax over the vocabulary.
     cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
-    drop = (cum <= (1 - params.top_p)[:, None]) & (jnp.arange(V) < V - 1)
+    drop = (cum <= (1 - params.top_p)[:, None]) & (jnp.arange(C) < C - 1)
     cut = jnp.take_along_axis(asc, jnp.argmin(drop, axis=-1)[:, None], axis=-1)
     x = jnp.where((x >= cut) | (params.top_p >= 1)[:, None], x, ninf)
     probs = jax.nn.softmax(x, axis=-1)

@@ -11,6 +11,7 @@ import contextlib
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -443,3 +444,16 @@ def test_out_of_range_or_mistyped_parameters_raise_an_error_naming_them(name, va
     with pytest.raises(InvalidParameterError) as error:
         SamplingParams.make(**{name: value})
     assert error.value.name == name and name in str(error.value) and valid in str(error.value)
+
+
+def test_top_k_candidate_filtering_equals_the_full_sort():
+    from mrs.sampling import CANDIDATES, _filter, _filter_with
+
+    vocab = 1000
+    logits = jax.random.normal(jax.random.PRNGKey(3), (5, vocab)) * 3
+    rows = [SamplingParams.make(top_k=k, top_p=p, min_p=m, seed=0)
+            for k, p, m in [(40, 0.9, 0.0), (1, 0.5, 0.0), (CANDIDATES, 0.95, 0.05), (0, 1.0, 0.1), (7, 1.0, 0.0)]]
+    params = SamplingParams.stack(rows)
+    fast = _filter(logits, params)            # every top-p row has top_k <= CANDIDATES: no sort
+    full = _filter_with(logits, params, jnp.sort(logits, axis=-1))
+    np.testing.assert_array_equal(np.asarray(fast), np.asarray(full))
