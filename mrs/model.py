@@ -7,7 +7,6 @@ every step is a pure jitted function of the params.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from flax import nnx
 
 from mrs import archs, store
 from mrs.cache import step_positions
-from mrs.errors import ContextLengthError, InvalidParameterError, MrsError, NotAModelError
+from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
+from mrs.store import read_json
 from mrs.tokenizer import Tokenizer
 from mrs.weights import load_params
 
@@ -48,16 +48,6 @@ def pick_dtype(dtype: str | None, device: jax.Device) -> Any:
     if dtype not in DTYPES:
         raise InvalidParameterError("dtype", dtype, f"one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NotAModelError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise NotAModelError(f"{path} must hold a JSON object")
-    return value
 
 
 class Model:

@@ -262,6 +262,24 @@ def cached_attention(
     return out.reshape(batch, steps, heads * head_dim), cache_keys, cache_values
 
 
+def rotary_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
+    cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array, *,
+    heads: int, kv_heads: int, head_dim: int, scale: float, window: int | None = None,
+    q_norm: Any = None, k_norm: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Projected q [B, T, N*H], k, v [B, T, K*H] -> split heads, optional per-head q/k
+    norm, rotary, then ``cached_attention``. The body every rotary family shares."""
+    B, T, _ = q.shape
+    q = q.reshape(B, T, heads, head_dim)                                     # [B, T, N, H]
+    k = k.reshape(B, T, kv_heads, head_dim)                                  # [B, T, K, H]
+    v = v.reshape(B, T, kv_heads, head_dim)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return cached_attention(q, k, v, cache_keys, cache_values, positions, scale=scale, window=window)
+
+
 def last_valid(hidden: jax.Array, positions: jax.Array) -> jax.Array:
     """hidden [B, T, D] -> [B, 1, D] at each row's last non-padding step."""
     index = jnp.argmax(positions, axis=1)

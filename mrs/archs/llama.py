@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mrs.archs.layers import Embedding, GatedMLP, Linear, RMSNorm, Rope, apply_rope, cached_attention, last_valid
+from mrs.archs.layers import Embedding, GatedMLP, Linear, RMSNorm, Rope, last_valid, rotary_attention
 from mrs.cache import KVCache, advance
 from mrs.errors import UnsupportedModelError
 
@@ -132,15 +132,10 @@ class Attention(nnx.Module):
         self.qk_norm = cfg.qk_norm
 
     def __call__(self, x, positions, cos, sin, cache_keys, cache_values):
-        B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.heads, self.head_dim)        # [B, T, N, H]
-        k = self.k_proj(x).reshape(B, T, self.kv_heads, self.head_dim)     # [B, T, K, H]
-        v = self.v_proj(x).reshape(B, T, self.kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, cache_keys, cache_values = cached_attention(
-            q, k, v, cache_keys, cache_values, positions, scale=self.scale, window=self.window)
+        out, cache_keys, cache_values = rotary_attention(
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache_keys, cache_values, positions,
+            heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, scale=self.scale, window=self.window,
+            q_norm=self.q_norm if self.qk_norm else None, k_norm=self.k_norm if self.qk_norm else None)
         return self.o_proj(out), cache_keys, cache_values
 
 

@@ -26,10 +26,9 @@ from mrs.archs.layers import (
     RMSNorm,
     Rope,
     activation,
-    apply_rope,
-    cached_attention,
     last_valid,
     reading_config,
+    rotary_attention,
     run_layers,
 )
 from mrs.cache import KVCache
@@ -124,15 +123,11 @@ class PhiAttention(nnx.Module):
         self.qk_layernorm = cfg.qk_layernorm
 
     def __call__(self, x, positions, cos, sin, cache_keys, cache_values):
-        B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.heads, self.head_dim)        # [B, T, N, H]
-        k = self.k_proj(x).reshape(B, T, self.kv_heads, self.head_dim)     # [B, T, K, H]
-        v = self.v_proj(x).reshape(B, T, self.kv_heads, self.head_dim)
-        if self.qk_layernorm:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, cache_keys, cache_values = cached_attention(
-            q, k, v, cache_keys, cache_values, positions, scale=self.head_dim ** -0.5)
+        norms = (self.q_layernorm, self.k_layernorm) if self.qk_layernorm else (None, None)
+        out, cache_keys, cache_values = rotary_attention(
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache_keys, cache_values, positions,
+            heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, scale=self.head_dim ** -0.5,
+            q_norm=norms[0], k_norm=norms[1])
         return self.dense(out), cache_keys, cache_values
 
 
@@ -188,14 +183,11 @@ class Phi3Attention(nnx.Module):
         self.window = cfg.sliding_window
 
     def __call__(self, x, positions, cos, sin, cache_keys, cache_values):
-        B, T, _ = x.shape
         N, K, H = self.heads, self.kv_heads, self.head_dim
         q, k, v = jnp.split(self.qkv_proj(x), [N * H, (N + K) * H], axis=-1)
-        q = q.reshape(B, T, N, H)                                           # [B, T, N, H]
-        k, v = k.reshape(B, T, K, H), v.reshape(B, T, K, H)                 # [B, T, K, H]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, cache_keys, cache_values = cached_attention(
-            q, k, v, cache_keys, cache_values, positions, scale=H ** -0.5, window=self.window)
+        out, cache_keys, cache_values = rotary_attention(
+            q, k, v, cos, sin, cache_keys, cache_values, positions,
+            heads=N, kv_heads=K, head_dim=H, scale=H ** -0.5, window=self.window)
         return self.o_proj(out), cache_keys, cache_values
 
 
