@@ -107,6 +107,11 @@ def machine_info() -> dict:
     return info
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _best_seconds(fn, repeats: int) -> float:
     fn()
     best = float("inf")
@@ -280,12 +285,13 @@ def bench_mrs(model, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict
     warmup_seconds = time.perf_counter() - t
     mrs_raw_steps(model, prompts, new_tokens)  # compiles nothing new; warms the raw path's dispatch
     compiles_warm = steps.compiled_count()
-    prefill, decode, raw_prefill, raw_decode = [], [], [], []
+    prefill, decode, raw_prefill, raw_decode, loads = [], [], [], [], []
     token_ids: list[int] = []
     for i in range(repeats):
         console.log(f"mrs batch {batch}: run {i + 1}/{repeats}")
         p, d, token_ids = once()
         prefill.append(p)
+        loads.append(load_average())
         decode.append(d)
         rp, rd = mrs_raw_steps(model, prompts, new_tokens)
         raw_prefill.append(rp)
@@ -305,7 +311,7 @@ def bench_mrs(model, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict
         "raw_prefill_seconds": raw_prefill, "raw_decode_seconds": raw_decode,
         "warmup": {"seconds": warmup_seconds, "prefill_seconds": warm_prefill, "decode_seconds": warm_decode},
         "compilations": {"warmup": compiles_warm - compiles_before, "timed": recompiles},
-        "tokens_row0": token_ids,
+        "loadavg_per_run": loads, "tokens_row0": token_ids,
     }
 
 
@@ -423,11 +429,12 @@ def run_transformers(folder: Path, args, batches: list[int], prompts: np.ndarray
         hf_prefill_seconds(model, ids, device)
         hf_generate_seconds(model, ids, new, pad, device)
         warmup = time.perf_counter() - t
-        prefills, gen_prefills, decodes = [], [], []
+        prefills, gen_prefills, decodes, loads = [], [], [], []
         tokens: list[int] = []
         for i in range(args.repeats):
             console.log(f"transformers batch {batch}: run {i + 1}/{args.repeats}")
             prefills.append(hf_prefill_seconds(model, ids, device))
+            loads.append(load_average())
             p, d, tokens = hf_generate_seconds(model, ids, new, pad, device)
             gen_prefills.append(p)
             decodes.append(d)
@@ -437,7 +444,7 @@ def run_transformers(folder: Path, args, batches: list[int], prompts: np.ndarray
             "decode_step_ms": 1e3 * typical(decodes) / (new - 1),
             "generate_prefill_tok_s": batch * prompts.shape[1] / typical(gen_prefills),
             "prefill_seconds": prefills, "generate_prefill_seconds": gen_prefills, "decode_seconds": decodes,
-            "warmup_seconds": warmup, "tokens_row0": tokens,
+            "warmup_seconds": warmup, "loadavg_per_run": loads, "tokens_row0": tokens,
         }
     return out
 
@@ -518,6 +525,11 @@ def print_table(report: dict) -> None:
             _f(r.get("hf_pct_bound")) + ("%" if "hf_pct_bound" in r else ""),
             _f(r["mrs_raw_decode_tok_s"]), _f(r["mrs_raw_pct_bound"]) + "%")
     out.print(table)
+    busiest = max([*mach.get("loadavg", [0])[:1], *mach.get("loadavg_end", [0])[:1]])
+    if busiest > 0.5 * mach["cores"]:
+        out.print(f"[yellow]warning: load average reached {busiest} on {mach['cores']} cores: other processes "
+                  "shared the CPU, so these timings are noisy (transformers' OpenMP threads suffer most when a "
+                  "core is taken); rerun on an idle machine or with --stat best")
 
 
 # --- main --------------------------------------------------------------------------
