@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrs.engine.generate import Completion, _Row
+from mrs.engine.generate import Completion, RowOutput
 from mrs.engine.steps import MIN_PROMPT_BUCKET, Steps, bucket
 from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
 from mrs.sampling import MAX_NUM_TOP, SamplingParams
@@ -87,7 +87,7 @@ class Request:
 class _Active:
     """A request in a slot: its output row and the tokens not yet handed out."""
 
-    def __init__(self, request: Request, row: _Row, admitted_at: float):
+    def __init__(self, request: Request, row: RowOutput, admitted_at: float):
         self.request, self.row = request, row
         self.admitted_at = admitted_at
         self.first_token_at = 0.0
@@ -359,7 +359,7 @@ class Batcher:
         positions = np.where(np.arange(width) < n, np.arange(width), -1).astype(np.int32)[None]
         history = np.full((1, S), -1, np.int32)
         history[0, S - n:] = ids
-        row = _Row(self.model, n, request.max_tokens, tuple(request.stop), request.ignore_eos)
+        row = RowOutput(self.model, n, request.max_tokens, tuple(request.stop), request.ignore_eos)
         active = _Active(request, row, time.perf_counter())
         result, self.cache = self.steps.prefill_slot(
             self.model.params, tokens, positions, self.cache, np.int32(slot), request.sampling, history,

@@ -87,7 +87,7 @@ def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-class _Row:
+class RowOutput:
     """One request's output state: tokens, text, stop-string holdback, finish."""
 
     def __init__(self, model: Any, prompt_len: int, max_tokens: int, stops: tuple[str, ...], ignore_eos: bool):
@@ -168,7 +168,7 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     if longest >= context:
         raise ContextLengthError(f"prompt of {longest} tokens does not fit the context of {context} tokens "
                                  "(leaving room for at least one new token)")
-    rows = [_Row(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos) for ids in encoded]
+    rows = [RowOutput(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos) for ids in encoded]
     new_tokens = max(r.max_tokens for r in rows)
     if cache is None:
         needed = max(len(ids) + r.max_tokens for ids, r in zip(encoded, rows))
