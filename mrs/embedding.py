@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tokenizers import Tokenizer as HFTokenizer
 
 from mrs.engine.steps import MIN_PROMPT_BUCKET, bucket
@@ -34,6 +33,7 @@ from mrs.errors import (
     TokenizerError,
     UnsupportedModelError,
 )
+from mrs.model import bind
 
 MAX_BATCH = 32
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")   # sentence-transformers' order
@@ -161,7 +161,7 @@ class Embedder:
 
         def encode(params, tokens, mask):
             """tokens, mask [B, T] -> pooled [B, dim] float32."""
-            return pooling(nnx.merge(graphdef, params)(tokens, mask), mask)
+            return pooling(bind(graphdef, params)(tokens, mask), mask)
 
         self._encode = jax.jit(encode)
 

@@ -174,10 +174,14 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
     if not 0 <= num_top <= MAX_NUM_TOP:
         raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
     z = process_logits(logits, params, history, logit_bias)  # [B, V]
-    keys = jax.vmap(_draw_key)(params.key, jnp.asarray(step, jnp.int32))
-    drawn = jax.vmap(jax.random.categorical)(keys, z)
-    tokens = jnp.where(params.temperature == 0, jnp.argmax(z, axis=-1), drawn)
-    tokens = tokens.astype(jnp.int32)
+    greedy = jnp.argmax(z, axis=-1)
+
+    def draw(z):
+        keys = jax.vmap(_draw_key)(params.key, jnp.asarray(step, jnp.int32))
+        return jnp.where(params.temperature == 0, greedy, jax.vmap(jax.random.categorical)(keys, z))
+
+    # A draw costs a random number per vocabulary entry per row; skip it when no row samples.
+    tokens = jax.lax.cond(jnp.all(params.temperature == 0), lambda z: greedy, draw, z).astype(jnp.int32)
     logp = jax.nn.log_softmax(z, axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     if num_top:

@@ -204,14 +204,12 @@ def mrs_load_progress(folder: Path):
 
 def weight_bytes(model) -> tuple[int, int]:
     """(bytes of params a decode step reads, bytes of all params)."""
-    from flax import nnx
-
     total = read = 0
     tied = model.hf_config.get("tie_word_embeddings", False)
-    for path, var in nnx.to_flat_state(model.params):
-        nbytes = var.get_value().nbytes
+    for path, value in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+        nbytes = value.nbytes
         total += nbytes
-        name = ".".join(map(str, path))
+        name = ".".join(str(getattr(key, "key", key)) for key in path)
         if not (name.endswith("embed_tokens.weight") and not tied):  # a gather, unless it is the head
             read += nbytes
     return read, total

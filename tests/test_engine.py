@@ -53,6 +53,23 @@ def test_a_200_token_generation_compiles_nothing_after_warm_up(llama):
     assert COMPILES.count == before and llama.steps.compiled_count() == before_cached
 
 
+def test_decode_updates_the_donated_cache_in_place(llama):
+    """A step that copied its cache would move the whole cache through memory for each token."""
+    from mrs.sampling import SamplingParams
+
+    slots, max_len = 1, 256          # one slot: where XLA's copy insertion used to copy each layer
+    cache = llama.init_cache(slots, max_len)
+    sampling = SamplingParams.stack([SamplingParams.make(temperature=0)] * slots)
+    history = jax.numpy.full((slots, 8), -1, jax.numpy.int32)
+    step = jax.numpy.zeros((slots,), jax.numpy.int32)
+    text = llama.steps.decode.lower(llama.params, step, cache, sampling, history, step,
+                                    jax.numpy.ones((slots,), bool)).compile().as_text()
+    layer = cache.keys[0]
+    shape = "f32[" + ",".join(map(str, layer.shape)) + "]"
+    copies = [line for line in text.splitlines() if " copy(" in line and f"= {shape}" in line]
+    assert not copies, copies[:3]
+
+
 def test_eos_ids_come_from_generation_config_list(llama, fixture_path):
     import json
 

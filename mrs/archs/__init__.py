@@ -2,7 +2,9 @@
 
 Each family module provides a frozen config with ``from_hf(dict)``, an NNX model
 whose parameter names mirror the HF checkpoint, and ``ignored(name)`` for
-checkpoint tensors that are buffers rather than weights.
+checkpoint tensors that are buffers rather than weights. Where names differ, the
+module says how: ``rename(name, array)`` maps one checkpoint tensor to model
+tensors, and ``fused(config)`` names checkpoint tensors stacked into one.
 """
 
 from __future__ import annotations

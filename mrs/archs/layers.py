@@ -99,16 +99,27 @@ class LayerNorm(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)) — Llama's SwiGLU and kin."""
+    """down(act(gate(x)) * up(x)) — Llama's SwiGLU and kin.
+
+    gate and up are one [2F, D] matrix (``gate_up_proj``, gate rows first, as Phi-3
+    stores it): at batch 1 a decode step is bound by reading weights, and one large
+    matmul reads them faster than two small ones. Checkpoints that keep them apart
+    are stacked at load (see ``weights.load_params(fused=...)``).
+    """
 
     def __init__(self, dim: int, hidden: int, *, act: str, bias: bool, dtype: Any):
-        self.gate_proj = Linear(dim, hidden, bias=bias, dtype=dtype)
-        self.up_proj = Linear(dim, hidden, bias=bias, dtype=dtype)
+        self.gate_up_proj = Linear(dim, 2 * hidden, bias=bias, dtype=dtype)
         self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype)
         self.act = activation(act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)                   # [B, T, F] each
+        return self.down_proj(self.act(gate) * up)
+
+
+def split_qkv(qkv: jax.Array, heads: int, kv_heads: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A fused projection [B, T, (N + 2K) * H] -> q [B, T, N*H], k, v [B, T, K*H]."""
+    return tuple(jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1))
 
 
 # --- rotary position embeddings ----------------------------------------------------
@@ -239,26 +250,38 @@ def cached_attention(
     cache_keys: jax.Array, cache_values: jax.Array,
     positions: jax.Array, *, scale: float, window: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Write k, v [B, T, K, H] into the layer cache [B, K, S, H] at ``positions`` and
-    attend q [B, T, N, H] causally over it. Returns out [B, T, N*H] and the new cache.
+    """Attend q [B, T, N, H] causally over the layer cache [B, K, S, H] plus this step's
+    k, v [B, T, K, H], then write k, v into the cache at ``positions``. Returns out
+    [B, T, N*H] and the new cache.
 
-    A query at position p sees cache entries s <= p (and s > p - window when the
-    layer uses a sliding window); everything at s <= p was written by this request.
+    The cache holds a row's earlier positions, all below its first new position; the
+    new block is attended directly, so the step reads the cache as it came in and the
+    write comes last. XLA then updates the donated cache in place instead of copying
+    it to attend over its own write. A query at position p sees s <= p (and s > p -
+    window when the layer uses a sliding window).
     """
-    cache_keys = write_positions(cache_keys, k, positions)
-    cache_values = write_positions(cache_values, v, positions)
     batch, steps, heads, head_dim = q.shape
     kv_heads, max_len = cache_keys.shape[1], cache_keys.shape[2]
     q = q.reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, cache_keys.astype(q.dtype)).astype(jnp.float32) * scale
+    p = positions[:, :, None]                                                   # [B, T, 1]
+    first = jnp.min(jnp.where(positions < 0, max_len, positions), axis=1)      # [B]
     s = jnp.arange(max_len)[None, None, :]
-    p = positions[:, :, None]
-    visible = s <= p                                                            # [B, T, S]
+    seen = s < first[:, None, None]                                             # [B, 1, S]
+    new = positions[:, None, :]                                                 # [B, 1, T]
+    fresh = (new >= 0) & (new <= p)                                             # [B, T, T]
     if window is not None:
-        visible &= s > p - window
+        seen = seen & (s > p - window)
+        fresh = fresh & (new > p - window)
+    old_scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, cache_keys.astype(q.dtype))
+    new_scores = jnp.einsum("BTKGH,BUKH->BKGTU", q, k)
+    scores = jnp.concatenate([old_scores, new_scores], axis=-1).astype(jnp.float32) * scale
+    visible = jnp.concatenate([jnp.broadcast_to(seen, (batch, steps, max_len)), fresh], axis=-1)
     scores = jnp.where(visible[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, cache_values.astype(v.dtype))
+    out = (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :max_len], cache_values.astype(v.dtype))
+           + jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., max_len:], v))
+    cache_keys = write_positions(cache_keys, k, positions)
+    cache_values = write_positions(cache_values, v, positions)
     return out.reshape(batch, steps, heads * head_dim), cache_keys, cache_values
 
 

@@ -3,8 +3,8 @@
 One pre-norm decoder (RMSNorm -> GQA attention with rotary -> RMSNorm -> SwiGLU)
 with the few knobs these families turn: rope scaling, a head_dim override, biases,
 sliding windows (Mistral; Qwen's per-layer windows), Granite's multipliers and
-Qwen3's per-head q/k RMSNorm. Parameter names mirror the HF checkpoints, so the
-key map is the identity.
+Qwen3's per-head q/k RMSNorm. Parameter names mirror the HF checkpoints, except
+that q/k/v and gate/up are each one matrix (``fused`` is the key map).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mrs.archs.layers import Embedding, GatedMLP, Linear, RMSNorm, Rope, last_valid, rotary_attention
+from mrs.archs.layers import Embedding, GatedMLP, Linear, RMSNorm, Rope, last_valid, rotary_attention, split_qkv
 from mrs.cache import KVCache, advance
 from mrs.errors import UnsupportedModelError
 
@@ -119,9 +119,7 @@ def sliding_windows(config: dict, model_type: str, layers: int) -> tuple[int | N
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, layer: int, dtype: Any):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(D, N * H, bias=cfg.qkv_bias, dtype=dtype)
-        self.k_proj = Linear(D, K * H, bias=cfg.qkv_bias, dtype=dtype)
-        self.v_proj = Linear(D, K * H, bias=cfg.qkv_bias, dtype=dtype)
+        self.qkv_proj = Linear(D, (N + 2 * K) * H, bias=cfg.qkv_bias, dtype=dtype)
         self.o_proj = Linear(N * H, D, bias=cfg.o_bias, dtype=dtype)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(H, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -132,8 +130,9 @@ class Attention(nnx.Module):
         self.qk_norm = cfg.qk_norm
 
     def __call__(self, x, positions, cos, sin, cache_keys, cache_values):
+        q, k, v = split_qkv(self.qkv_proj(x), self.heads, self.kv_heads, self.head_dim)
         out, cache_keys, cache_values = rotary_attention(
-            self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, cache_keys, cache_values, positions,
+            q, k, v, cos, sin, cache_keys, cache_values, positions,
             heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, scale=self.scale, window=self.window,
             q_norm=self.q_norm if self.qk_norm else None, k_norm=self.k_norm if self.qk_norm else None)
         return self.o_proj(out), cache_keys, cache_values
@@ -199,3 +198,11 @@ class LlamaForCausalLM(nnx.Module):
 def ignored(name: str) -> bool:
     """Checkpoint tensors that are buffers, not weights."""
     return name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight"
+
+
+def fused(cfg: LlamaConfig) -> dict[str, list[tuple[str, int]]]:
+    """Checkpoint tensors stacked into one model tensor at load, with their row counts."""
+    N, K, H, F = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    return {"self_attn.qkv_proj": [("self_attn.q_proj", N * H), ("self_attn.k_proj", K * H),
+                                   ("self_attn.v_proj", K * H)],
+            "mlp.gate_up_proj": [("mlp.gate_proj", F), ("mlp.up_proj", F)]}

@@ -21,6 +21,7 @@ from flax import nnx
 
 from mrs.archs.layers import (
     Embedding,
+    GatedMLP,
     LayerNorm,
     Linear,
     RMSNorm,
@@ -30,6 +31,7 @@ from mrs.archs.layers import (
     reading_config,
     rotary_attention,
     run_layers,
+    split_qkv,
 )
 from mrs.cache import KVCache
 from mrs.errors import UnsupportedModelError
@@ -184,24 +186,11 @@ class Phi3Attention(nnx.Module):
 
     def __call__(self, x, positions, cos, sin, cache_keys, cache_values):
         N, K, H = self.heads, self.kv_heads, self.head_dim
-        q, k, v = jnp.split(self.qkv_proj(x), [N * H, (N + K) * H], axis=-1)
+        q, k, v = split_qkv(self.qkv_proj(x), N, K, H)
         out, cache_keys, cache_values = rotary_attention(
             q, k, v, cos, sin, cache_keys, cache_values, positions,
             heads=N, kv_heads=K, head_dim=H, scale=H ** -0.5, window=self.window)
         return self.o_proj(out), cache_keys, cache_values
-
-
-class Phi3MLP(nnx.Module):
-    """down(up * act(gate)) with gate and up fused in one [2F, D] projection."""
-
-    def __init__(self, cfg: PhiConfig, dtype: Any):
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)               # [B, T, F] each
-        return self.down_proj(up * self.act(gate))
 
 
 class Phi3DecoderLayer(nnx.Module):
@@ -209,7 +198,7 @@ class Phi3DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
         self.self_attn = Phi3Attention(cfg, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype)
-        self.mlp = Phi3MLP(cfg, dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, bias=False, dtype=dtype)
 
     def __call__(self, x, positions, cos, sin, cache_keys, cache_values):
         attn, cache_keys, cache_values = self.self_attn(

@@ -12,9 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from mrs.cache import put_slots, take_slots
+from mrs.model import bind
 from mrs.sampling import SampleResult, SamplingParams, sample
 
 MIN_PROMPT_BUCKET = 16
@@ -34,6 +34,19 @@ def push_history(history: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.concatenate([history[:, 1:], tokens[:, None].astype(history.dtype)], axis=1)
 
 
+def compiler_options(device: jax.Device) -> dict[str, Any]:
+    """XLA options for the steps on this device.
+
+    On CPU, XLA's default copy insertion copies a donated cache layer that a step
+    both reads (attention) and updates in place (the new position): up to four
+    full-cache copies per layer per step. Region analysis proves the in-place update
+    safe and drops those copies.
+    """
+    if device.platform == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    return {}
+
+
 class Steps:
     """The compiled functions of one model (shared by every caller of that model)."""
 
@@ -43,12 +56,12 @@ class Steps:
 
         def forward(params, tokens, positions, cache):
             """All-position logits [B, T, V] (float32) and the updated cache."""
-            logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache)
+            logits, cache = bind(graphdef, params)(tokens, positions, cache)
             return logits.astype(jnp.float32), cache
 
         def prefill(params, tokens, positions, cache, sampling: SamplingParams, history, step):
             """Run prompts [B, T] (positions -1 = padding) and sample each row's first token."""
-            logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache, last_only=True)
+            logits, cache = bind(graphdef, params)(tokens, positions, cache, last_only=True)
             return sample(logits[:, 0], sampling, history, step, num_top=num_top), cache
 
         def prefill_slot(params, tokens, positions, cache, slot, sampling: SamplingParams, history, step):
@@ -63,15 +76,16 @@ class Steps:
             Inactive rows (free slots, finished requests) write nothing and keep their length.
             """
             positions = jnp.where(active, cache.lengths, -1)[:, None]
-            logits, cache = nnx.merge(graphdef, params)(tokens[:, None], positions, cache)
+            logits, cache = bind(graphdef, params)(tokens[:, None], positions, cache)
             history = push_history(history, tokens)
             result: SampleResult = sample(logits[:, 0], sampling, history, step, num_top=num_top)
             return result, cache, history
 
-        self.forward = jax.jit(forward, donate_argnums=(3,))
-        self.prefill = jax.jit(prefill, donate_argnums=(3,))
-        self.prefill_slot = jax.jit(prefill_slot, donate_argnums=(3,))
-        self.decode = jax.jit(decode, donate_argnums=(2, 4))
+        options = compiler_options(model.device)
+        self.forward = jax.jit(forward, donate_argnums=(3,), compiler_options=options)
+        self.prefill = jax.jit(prefill, donate_argnums=(3,), compiler_options=options)
+        self.prefill_slot = jax.jit(prefill_slot, donate_argnums=(3,), compiler_options=options)
+        self.decode = jax.jit(decode, donate_argnums=(2, 4), compiler_options=options)
 
     def compiled_count(self) -> int:
         """How many distinct compilations these steps hold (for no-recompile tests)."""
