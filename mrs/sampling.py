@@ -8,6 +8,7 @@ arguments, so a new value never recompiles: `sample_jit` compiles once per
 Processing order for each row (that of transformers' `generate`, with OpenAI's
 presence/frequency penalties after the repetition penalty):
 
+0. tokens outside a row's ``allowed`` mask (constrained decoding) become -inf;
 1. logit bias is added (as HF's SequenceBias, which runs before its penalties);
 2. repetition penalty, HF `RepetitionPenaltyLogitsProcessor`: a logit of a token seen in
    the window becomes ``l * p`` if ``l < 0`` else ``l / p``;
@@ -151,9 +152,11 @@ def seed_key_data(seed: int | None) -> np.ndarray:
 
 
 def process_logits(logits: jax.Array, params: SamplingParams, history: jax.Array,
-                   logit_bias: jax.Array | None = None) -> jax.Array:
+                   logit_bias: jax.Array | None = None, allowed: jax.Array | None = None) -> jax.Array:
     """[B, V] logits -> the [B, V] float32 logits sampled from (-inf outside the support)."""
     x = logits.astype(jnp.float32)
+    if allowed is not None:
+        x = jnp.where(allowed, x, -jnp.inf)
     if logit_bias is not None:
         x = x + logit_bias.astype(jnp.float32)
     x = _penalize(x, params, history)
@@ -163,17 +166,20 @@ def process_logits(logits: jax.Array, params: SamplingParams, history: jax.Array
 
 
 def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: jax.Array,
-           *, num_top: int = 0, logit_bias: jax.Array | None = None) -> SampleResult:
+           *, num_top: int = 0, logit_bias: jax.Array | None = None,
+           allowed: jax.Array | None = None) -> SampleResult:
     """Pick each row's next token; see the module docstring for the order of operations.
 
     logits [B, V] any float dtype; history [B, W] int32 recent tokens, right-aligned (most
     recent last), -1 where empty; step [B] int32 tokens generated so far by each request
     (the draw uses ``fold_in(key_row, step_row)``, so a request's stream does not depend
-    on its batch); logit_bias optional [B, V]; num_top (static, 0..20) alternatives.
+    on its batch); logit_bias optional [B, V]; allowed optional [B, V] bool, the only
+    tokens a row may take (constrained decoding; each row needs at least one);
+    num_top (static, 0..20) alternatives.
     """
     if not 0 <= num_top <= MAX_NUM_TOP:
         raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
-    z = process_logits(logits, params, history, logit_bias)  # [B, V]
+    z = process_logits(logits, params, history, logit_bias, allowed)  # [B, V]
     greedy = jnp.argmax(z, axis=-1)
 
     def draw(z):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrs.cache import step_positions
+from mrs.constrain import JsonConstraint, constraint_for
 from mrs.engine.steps import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket
 from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
 from mrs.sampling import SamplingParams
@@ -88,29 +89,40 @@ def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 class RowOutput:
-    """One request's output state: tokens, text, stop-string holdback, finish."""
+    """One request's output state: tokens, text, stop-string holdback, finish, and the
+    JSON constraint it must keep (if any)."""
 
-    def __init__(self, model: Any, prompt_len: int, max_tokens: int, stops: tuple[str, ...], ignore_eos: bool):
+    def __init__(self, model: Any, prompt_len: int, max_tokens: int, stops: tuple[str, ...], ignore_eos: bool,
+                 constraint: JsonConstraint | None = None):
         self.decoder = StreamDecoder(model.tokenizer) if model.tokenizer else None
         self.eos = frozenset() if ignore_eos else model.eos_ids
         self.prompt_len, self.max_tokens, self.stops = prompt_len, max_tokens, stops
         self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.constraint = constraint
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.text = ""
         self.emitted = 0
         self.finish: str | None = None
 
+    def allowed(self) -> np.ndarray | None:
+        """[vocab] bool tokens this row may take next; None when unconstrained."""
+        return self.constraint.allowed() if self.constraint is not None else None
+
     def add(self, token: int, logprob: float) -> str:
         """Take one sampled token; return the text that is now safe to show."""
-        if token in self.eos:
+        if token in self.eos and self.constraint is None:
             self.finish = "stop"
         else:
             self.ids.append(token)
             self.logprobs.append(logprob)
             if self.decoder:
                 self.text += self.decoder.push(token)
-            if len(self.ids) >= self.max_tokens:
+            if self.constraint is not None:
+                self.constraint.advance(token)
+                if self.constraint.complete or not self.constraint.allowed().any():
+                    self.finish = "stop"
+            if len(self.ids) >= self.max_tokens and not self.finish:
                 self.finish = "length"
         if self.finish and self.decoder:
             self.text += self.decoder.flush()
@@ -123,6 +135,15 @@ class RowOutput:
         upto = len(self.text) if self.finish else max(self.emitted, len(self.text) - self.holdback)
         piece, self.emitted = self.text[self.emitted:upto], upto
         return piece
+
+
+def allowed_rows(steps: Any, rows: Sequence[RowOutput | None]) -> Any:
+    """The [B, V] mask of a step: each constrained row's tokens, everything elsewhere."""
+    masks = [r.allowed() if r is not None and r.finish is None else None for r in rows]
+    if all(m is None for m in masks):
+        return steps.all_allowed(len(rows))
+    everything = np.ones((steps.vocab_size,), bool)
+    return jnp.asarray(np.stack([everything if m is None else m for m in masks]))
 
 
 def _sampling_rows(count: int, sampling: dict) -> SamplingParams:
@@ -145,12 +166,13 @@ class RunResult:
 
 def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=None, system: str | None = None,
         ignore_eos: bool = False, cache: Any = None, reuse: Sequence[int] | None = None,
-        **sampling: Any) -> Iterator[tuple[int, str] | RunResult]:
+        format: str | None = None, **sampling: Any) -> Iterator[tuple[int, str] | RunResult]:
     """The generation loop: yields (row, text piece) as text appears, then a RunResult.
 
     With ``cache`` (one slot per prompt) and ``reuse[b]`` (how many leading prompt
     tokens of row b that cache already holds), only the rest of each prompt is
-    prefilled — how a chat session reuses its conversation so far.
+    prefilled — how a chat session reuses its conversation so far. ``format="json"``
+    constrains every row to one JSON object (see mrs.constrain).
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise InvalidParameterError("max_tokens", max_tokens, "an integer >= 1")
@@ -168,7 +190,9 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     if longest >= context:
         raise ContextLengthError(f"prompt of {longest} tokens does not fit the context of {context} tokens "
                                  "(leaving room for at least one new token)")
-    rows = [RowOutput(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos) for ids in encoded]
+    rows = [RowOutput(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos,
+                      constraint_for(model, format)) for ids in encoded]
+    constrained = format is not None and any(r.constraint is not None for r in rows)
     new_tokens = max(r.max_tokens for r in rows)
     if cache is None:
         needed = max(len(ids) + r.max_tokens for ids, r in zip(encoded, rows))
@@ -189,18 +213,27 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     started = time.perf_counter()
     step = jnp.zeros((batch,), jnp.int32)
     history = jnp.asarray(history)
-    current, cache = steps.prefill(model.params, jnp.asarray(tokens), positions, cache, params, history, step)
+    current, cache = steps.prefill(model.params, jnp.asarray(tokens), positions, cache, params, history, step,
+                                   allowed_rows(steps, rows))
     sampled = np.asarray(current.tokens)
     all_sampled: list[list[int]] = [[] for _ in range(batch)]
     prefill_done = time.perf_counter()
+
+    def dispatch():
+        nonlocal step, cache, history
+        step = step + 1
+        active = jnp.asarray([r.finish is None for r in rows])
+        pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step, active,
+                                               allowed_rows(steps, rows))
+        return pending
+
     for n in range(new_tokens):
         pending = None
-        if n + 1 < new_tokens and not all(r.finish for r in rows):
+        more = n + 1 < new_tokens
+        if more and not constrained and not all(r.finish for r in rows):
             # Dispatch the next step before reading this one back: host and device overlap.
-            step = step + 1
-            active = jnp.asarray([r.finish is None for r in rows])
-            pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step,
-                                                   active)
+            # (Not when a row is constrained: its next mask depends on this step's token.)
+            pending = dispatch()
         logprobs = np.asarray(current.logprobs)
         for b, row in enumerate(rows):
             if row.finish is None:
@@ -208,6 +241,8 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
                 piece = row.add(int(sampled[b]), float(logprobs[b]))
                 if piece:
                     yield b, piece
+        if more and constrained and not all(r.finish for r in rows):
+            pending = dispatch()
         if pending is None or all(r.finish for r in rows):
             break
         current = pending
