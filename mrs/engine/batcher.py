@@ -10,6 +10,10 @@ counter, so its tokens do not depend on what else is running.
 The loop runs in its own thread. A step is dispatched before the previous step's
 tokens are read back, so detokenising and handing text to the requests (through each
 request's ``sink``, called from this thread) overlaps the device work of the next step.
+
+Prefill is compiled once per prompt bucket, ahead of time and on a helper thread: a
+request whose bucket is new waits in the queue while it compiles, and the running
+streams keep decoding instead of stalling behind the compiler.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrs.engine.generate import Completion, RowOutput
+from mrs.constrain import JsonConstraint, constraint_for
+from mrs.engine.generate import Completion, RowOutput, allowed_rows
 from mrs.engine.steps import MIN_PROMPT_BUCKET, Steps, bucket
 from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
 from mrs.sampling import MAX_NUM_TOP, SamplingParams
@@ -80,8 +85,10 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     context: int | None = None  # cap on prompt + output tokens (below the cache length)
+    format: str | None = None  # "json": constrained to one JSON object (mrs.constrain)
     cancelled: bool = False
     submitted_at: float = 0.0
+    constraint: JsonConstraint | None = None  # set by submit() from ``format``
 
 
 class _Active:
@@ -146,6 +153,8 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.requests_total = 0
         self.tokens_total = 0
+        self._prefills: dict[int, Any] = {}            # prompt bucket -> compiled prefill_slot
+        self._compiling: dict[int, threading.Thread] = {}
         self._reset()
 
     # ----- public API (any thread) -------------------------------------------------
@@ -177,6 +186,7 @@ class Batcher:
                                      "(leaving room for at least one new token)")
         if not 0 <= request.top_logprobs <= self.num_top:
             raise InvalidParameterError("top_logprobs", request.top_logprobs, f"an integer in [0, {self.num_top}]")
+        request.constraint = constraint_for(self.model, request.format)
         request.prompt_ids = ids
         request.max_tokens = max(0, min(int(request.max_tokens), limit - len(ids)))
         if request.sampling is None:
@@ -193,6 +203,7 @@ class Batcher:
                 raise ServerBusyError(f"the request queue of {self.model.name} is full "
                                       f"({self.max_queue} waiting); retry shortly")
             self._pending.append(request)
+            self._prefill_for(request)  # compiles a new prompt bucket on a helper thread
             self.requests_total += 1
             self._cond.notify_all()
         return request
@@ -213,7 +224,7 @@ class Batcher:
             busy = sum(1 for r in self._rows if r is not None)
             return {"slots": self.slots, "busy": busy, "queued": len(self._pending),
                     "requests": self.requests_total, "tokens": self.tokens_total,
-                    "compiled": self.steps.compiled_count() + _put_row._cache_size()}
+                    "compiled": self.steps.compiled_count() + _put_row._cache_size() + len(self._prefills)}
 
     @property
     def idle(self) -> bool:
@@ -254,8 +265,7 @@ class Batcher:
         while True:
             with self._cond:
                 # Idle only when no slot is taken: a finished or cancelled row still needs releasing.
-                while (not self._closing and not self._pending and self._inflight is None
-                       and all(r is None for r in self._rows)):
+                while not self._closing and not self._has_work():
                     self._cond.wait()
                 if self._closing:
                     break
@@ -267,10 +277,22 @@ class Batcher:
                 self._reset()
         self._fail_all(ServerBusyError(f"model {self.model.name} was unloaded; retry"))
 
+    def _has_work(self) -> bool:
+        """A slot is taken (even a finished row needs releasing), or a queued request can start."""
+        if self._inflight is not None or any(r is not None for r in self._rows):
+            return True
+        return any(self._width(r) in self._prefills for r in self._pending)
+
     def _iteration(self) -> None:
-        dispatched = self._dispatch_decode()
-        if self._inflight is not None:
-            self._deliver(*self._inflight)
+        if any(r is not None and r.live and r.row.constraint is not None for r in self._rows):
+            # A constrained row's next mask depends on the token in flight: read it first.
+            if self._inflight is not None:
+                self._deliver(*self._inflight)
+            dispatched = self._dispatch_decode()
+        else:
+            dispatched = self._dispatch_decode()
+            if self._inflight is not None:
+                self._deliver(*self._inflight)
         self._inflight = dispatched
         self._release()
         for slot, request in self._admit():
@@ -284,8 +306,10 @@ class Batcher:
         for i, _ in live:
             active[i] = True
             self.step[i] += 1
+        allowed = allowed_rows(self.steps, [r.row if r is not None and r.live else None for r in self._rows])
         result, self.cache, self.history = self.steps.decode(
-            self.model.params, self.tokens, self.cache, self.sampling, self.history, self.step.copy(), active)
+            self.model.params, self.tokens, self.cache, self.sampling, self.history, self.step.copy(), active,
+            allowed)
         self.tokens = result.tokens
         return result, live
 
@@ -340,15 +364,58 @@ class Batcher:
                     self._rows[i] = None
 
     def _admit(self) -> list[tuple[int, Request]]:
-        admitted = []
+        """Free slots for queued requests, oldest first among those whose prefill is compiled."""
+        admitted, waiting = [], []
         with self._cond:
             free = [i for i, r in enumerate(self._rows) if r is None]
             while free and self._pending:
                 request = self._pending.popleft()
                 if request.cancelled:
                     continue
+                if self._prefill_for(request) is None:
+                    waiting.append(request)
+                    continue
                 admitted.append((free.pop(0), request))
+            self._pending.extendleft(reversed(waiting))
         return admitted
+
+    def _width(self, request: Request) -> int:
+        return bucket(len(request.prompt_ids), MIN_PROMPT_BUCKET, self.max_len)
+
+    def _prefill_for(self, request: Request) -> Any:
+        """The compiled prefill of the request's bucket, or None while it compiles."""
+        width = self._width(request)
+        compiled = self._prefills.get(width)
+        if compiled is None and width not in self._compiling:
+            thread = threading.Thread(target=self._compile_prefill, args=(width,), daemon=True,
+                                      name=f"mrs-compile[{self.model.name}:{width}]")
+            self._compiling[width] = thread
+            thread.start()
+        return compiled
+
+    def _compile_prefill(self, width: int) -> None:
+        """Compile prefill_slot for prompts of ``width`` tokens (helper thread)."""
+        try:
+            spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (
+                self.model.params, np.zeros((1, width), np.int32), np.zeros((1, width), np.int32), self.cache,
+                np.int32(0), jax.tree_util.tree_map(lambda x: x[:1], self.sampling),
+                np.zeros((1, self.max_len), np.int32), np.zeros((1,), np.int32), self.steps.all_allowed(1)))
+            compiled = self.steps.prefill_slot.lower(*spec).compile()
+        except Exception as e:  # reported to the requests that needed it
+            log.exception("compiling prefill of %s for %d tokens failed", self.model.name, width)
+            failed = e
+            with self._cond:
+                self._compiling.pop(width, None)
+                victims = [r for r in self._pending if self._width(r) == width]
+                for r in victims:
+                    self._pending.remove(r)
+            for r in victims:
+                r.sink(Event(error=MrsError(f"compiling prefill failed: {failed}")))
+            return
+        with self._cond:
+            self._prefills[width] = compiled
+            self._compiling.pop(width, None)
+            self._cond.notify_all()
 
     def _prefill(self, slot: int, request: Request) -> None:
         ids = request.prompt_ids
@@ -359,11 +426,12 @@ class Batcher:
         positions = np.where(np.arange(width) < n, np.arange(width), -1).astype(np.int32)[None]
         history = np.full((1, S), -1, np.int32)
         history[0, S - n:] = ids
-        row = RowOutput(self.model, n, request.max_tokens, tuple(request.stop), request.ignore_eos)
+        row = RowOutput(self.model, n, request.max_tokens, tuple(request.stop), request.ignore_eos,
+                        request.constraint)
         active = _Active(request, row, time.perf_counter())
-        result, self.cache = self.steps.prefill_slot(
+        result, self.cache = self._prefills[width](
             self.model.params, tokens, positions, self.cache, np.int32(slot), request.sampling, history,
-            np.zeros((1,), np.int32))
+            np.zeros((1,), np.int32), allowed_rows(self.steps, [row]))
         self.sampling = self.sampling.replace_row(slot, request.sampling)
         self.history = _put_row(self.history, np.int32(slot), history)
         self.tokens = _put_row(self.tokens, np.int32(slot), result.tokens)
