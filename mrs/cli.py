@@ -309,7 +309,7 @@ class CLI:
     def generate(self, prompt: Any, model: str = "", max_tokens: int = 256, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.9, min_p: float = 0.0, repeat_penalty: float = 1.0,
                  seed: int | None = None, system: str | None = None, stop: Any = None, raw: bool = False,
-                 format: str = "text"):
+                 format: str = "text", json_mode: bool = False):
         """Generate text for PROMPT and stream it to stdout.
 
         Args:
@@ -326,6 +326,7 @@ class CLI:
             stop: a stop string; comma-separated for several.
             raw: send the prompt as-is, without the model's chat template.
             format: 'text' streams the text; 'json' prints one JSON object with text and stats.
+            json_mode: constrain the answer to one JSON object (Ollama's format=json).
         """
         import mrs
 
@@ -343,7 +344,8 @@ class CLI:
                       [{"role": "user", "content": text}]
         stops = None if stop is None else _text(stop, "--stop").split(",")
         options = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                   "min_p": min_p, "repeat_penalty": repeat_penalty, "seed": seed, "stop": stops}
+                   "min_p": min_p, "repeat_penalty": repeat_penalty, "seed": seed, "stop": stops,
+                   "format": "json" if json_mode else None}
         if format == "json":
             done = mrs.generate(loaded, request, **options)
             print(json.dumps({"model": loaded.name, "text": done.text, "finish_reason": done.finish_reason,

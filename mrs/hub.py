@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from fnmatch import fnmatch
@@ -248,13 +249,19 @@ def _install(partial: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class PullCancelled(MrsError):
+    """The caller stopped a pull; what was fetched waits, hidden, for the next pull to resume."""
+
+
 def pull(ref: str, home: Path, *, revision: str | None = None, endpoint: str | None = None,
-         token: str | None = None, on_progress: Progress | None = None) -> Path:
+         token: str | None = None, on_progress: Progress | None = None,
+         cancelled: threading.Event | None = None) -> Path:
     """Download a model from the Hub into ``<home>/org--model``; returns the folder.
 
     Only complete, verified downloads become visible; a repeated pull resumes an
     interrupted one and skips files that are already up to date. ``on_progress`` gets
-    Ollama-style events (it may be called from a download thread).
+    Ollama-style events (it may be called from a download thread). Setting
+    ``cancelled`` stops the download at its next progress report (PullCancelled).
     """
     import huggingface_hub
     from filelock import FileLock
@@ -266,7 +273,13 @@ def pull(ref: str, home: Path, *, revision: str | None = None, endpoint: str | N
         raise MrsError(f"revision must be a branch, tag or commit, got {revision!r}")
     home = Path(home).expanduser()
     endpoint = endpoint or default_endpoint()
-    emit: Progress = on_progress or (lambda event: None)
+    report: Progress = on_progress or (lambda event: None)
+
+    def emit(event: dict) -> None:
+        if cancelled is not None and cancelled.is_set():
+            raise PullCancelled(f"pull of {name} cancelled")
+        report(event)
+
     target = store.model_dir(home, name)
     home.mkdir(parents=True, exist_ok=True)
     partial = home / f".partial-{target.name}"

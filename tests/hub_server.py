@@ -14,6 +14,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -242,6 +243,15 @@ def _handler(hub: FakeHub):
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
+                return
+            if fault == "slow":  # about 200 kB/s, so a client can leave mid-download
+                for at in range(0, len(body), 4096):
+                    try:
+                        self.wfile.write(body[at:at + 4096])
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    time.sleep(0.02)
                 return
             self.wfile.write(body)
 

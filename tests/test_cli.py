@@ -392,6 +392,17 @@ def test_generate_format_json_prints_one_object(shared_load, capsys):
     assert out["completion_tokens"] <= 4 and out["finish_reason"] in ("stop", "length")
 
 
+def test_generate_json_mode_writes_only_json(shared_load, capsys):
+    from mrs.constrain import START, feed
+
+    args = ["generate", "Hello", "--model", "m", "--max-tokens", "12", "--temperature", "1", "--seed", "3"]
+    assert main(args + ["--json-mode", "--raw"]) == 0
+    state = START
+    for byte in capsys.readouterr().out.rstrip("\n").encode("utf-8"):
+        state = feed(state, byte)
+        assert state is not None
+
+
 def test_generate_reads_the_prompt_from_stdin_when_it_is_a_dash(
     shared_load, llama_model, monkeypatch, capsys
 ):

@@ -72,6 +72,20 @@ def test_generate_stream_is_ndjson_and_missing_stream_means_streaming(live_serve
         check_ollama_chunk(line, chat=False)
 
 
+def test_format_json_and_a_schema_constrain_the_answer_to_a_json_object(client):
+    from mrs.constrain import START, feed
+
+    for fmt in ("json", {"type": "object", "properties": {"a": {"type": "integer"}}}):
+        r = client.generate(model=LLAMA, prompt="Reply in JSON", format=fmt,
+                            options={"temperature": 1.0, "seed": 7, "num_predict": 16})
+        state = START
+        for byte in r.response.encode("utf-8"):
+            state = feed(state, byte)
+            assert state is not None, r.response
+        assert r.response.lstrip().startswith("{")
+        assert r.done_reason in ("stop", "length")
+
+
 def test_generate_with_a_stop_string_ends_before_it(client):
     text = client.generate(model=LLAMA, prompt="Once upon a time", options=GREEDY).response
     stop = text[len(text) // 2 : len(text) // 2 + 2]
@@ -251,6 +265,21 @@ def test_pull_streams_progress_and_installs_the_model(client):
     assert "acme/tiny" in [m.model for m in client.list().models]
     assert client.generate(model="acme/tiny", prompt="Hi", options=GREEDY, keep_alive=0).response
     client.delete("acme/tiny")
+
+
+def test_a_pull_stops_when_its_client_leaves_and_the_next_pull_resumes(client, live_server):
+    live_server.hub.add_folder("acme/slow", live_server.home / "test--llama")
+    live_server.hub.faults["model.safetensors"] = ["slow"]
+    with live_server.client() as c, c.stream("POST", "/api/pull", json={"model": "acme/slow"}) as r:
+        for line in r.iter_lines():
+            if '"pulling model.safetensors"' in line:
+                break                                           # leave mid-download
+    time.sleep(3.0)                                             # longer than the whole slow download
+    assert not (live_server.home / "acme--slow").exists()
+    assert (live_server.home / ".partial-acme--slow").is_dir()
+    assert client.pull("acme/slow").status == "success"
+    assert "acme/slow" in [m.model for m in client.list().models]
+    client.delete("acme/slow")
 
 
 def test_pull_of_a_missing_repo_is_404_and_a_bad_name_400(client, live_server):

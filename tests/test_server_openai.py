@@ -115,10 +115,29 @@ def test_json_object_response_format_needs_json_in_the_messages(client):
     r = client.chat.completions.create(
         model=LLAMA,
         messages=[{"role": "user", "content": "Answer in JSON"}],
-        max_tokens=4,
+        max_tokens=16,
         response_format={"type": "json_object"},
+        temperature=1.0,
+        seed=4,
     )
     assert r.choices[0].finish_reason in ("stop", "length")
+    assert is_json_prefix(r.choices[0].message.content)
+    stream = client.chat.completions.create(
+        model=LLAMA, messages=[{"role": "user", "content": "JSON please"}], max_tokens=16,
+        response_format={"type": "json_object"}, temperature=1.0, seed=5, stream=True)
+    assert is_json_prefix("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+
+
+def is_json_prefix(text: str) -> bool:
+    """The text starts a JSON object: the JSON automaton accepts every byte of it."""
+    from mrs.constrain import START, feed
+
+    state = START
+    for byte in text.encode("utf-8"):
+        state = feed(state, byte)
+        if state is None:
+            return False
+    return text.lstrip().startswith("{")
 
 
 def test_completions_text_stream_and_echo(client):

@@ -142,7 +142,8 @@ class Generation:
                 self.requests.append(BatchRequest(
                     list(ids), self._sink(index), opts.sampling_row(seed_offset=j),
                     max_tokens=opts.max_tokens if opts.max_tokens is not None else 1 << 30, stop=opts.stop,
-                    logprobs=opts.logprobs, top_logprobs=opts.top_logprobs, context=opts.context))
+                    logprobs=opts.logprobs, top_logprobs=opts.top_logprobs, context=opts.context,
+                    format=opts.format))
         self.remaining = len(self.requests)
         self.started = time.perf_counter()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,17 @@ def _check_unsupported(body: dict) -> None:
     think = body.get("think")
     if think not in (None, False):
         raise UnsupportedFeatureError("this model does not support thinking")
+
+
+def _format(body: dict) -> str | None:
+    """Ollama's ``format``: "json" or a JSON schema both constrain the output to one JSON
+    object; the schema's own keywords (properties, types) are not enforced."""
     fmt = body.get("format")
-    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
-        raise InvalidParameterError("format", fmt, "'json' or a JSON schema object")
+    if fmt in (None, ""):
+        return None
+    if fmt == "json" or isinstance(fmt, dict):
+        return "json"
+    raise InvalidParameterError("format", fmt, "'json' or a JSON schema object")
 
 
 def prompt_ids(loaded: Loaded, name: str, prompt: str, *, system: str | None = None, raw: bool = False,
@@ -147,6 +156,7 @@ async def generate(request: Request) -> HTTPResponse | None:
     _check_unsupported(body)
     context = _context(body)
     opts = ollama_options(body)
+    opts.format = _format(body)
     keep = keep_alive(body, request.app.ctx.default_keep_alive)
     return await _run(request, name, keep, opts, stream, chat=False,
                       build=lambda loaded: prompt_ids(loaded, name, prompt, system=system, raw=raw, context=context),
@@ -162,6 +172,7 @@ async def chat(request: Request) -> HTTPResponse | None:
         raise UnsupportedFeatureError(f"model '{name}' does not support tools")
     _check_unsupported(body)
     opts = ollama_options(body)
+    opts.format = _format(body)
     keep = keep_alive(body, request.app.ctx.default_keep_alive)
 
     def build(loaded: Loaded) -> list[int]:
@@ -411,49 +422,54 @@ async def pull(request: Request) -> HTTPResponse | None:
     settings = request.app.ctx.settings
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()  # set when this handler ends early: the client went away
 
     def progress(event: dict) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, ("progress", dict(event)))
 
     def work() -> None:
         try:
-            hub.pull(repo, settings.home, revision=revision, endpoint=settings.mirror or None, on_progress=progress)
+            hub.pull(repo, settings.home, revision=revision, endpoint=settings.mirror or None, on_progress=progress,
+                     cancelled=cancelled)
             loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
         except BaseException as e:  # noqa: BLE001 - reported to the client
             loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
     task = loop.run_in_executor(None, work)
-    # Hold back "pulling manifest" until the Hub answered, so a missing repo is still a plain 404.
-    held: list[dict] = []
-    kind, value = await queue.get()
-    while kind == "progress" and value.get("status") == "pulling manifest":
-        held.append(value)
+    try:
+        # Hold back "pulling manifest" until the Hub answered, so a missing repo is still a plain 404.
+        held: list[dict] = []
         kind, value = await queue.get()
-    if kind == "error" or not stream:
-        while kind == "progress":
+        while kind == "progress" and value.get("status") == "pulling manifest":
+            held.append(value)
             kind, value = await queue.get()
-        await task
-        if kind == "error":
-            raise value if isinstance(value, MrsError) else MrsError(f"pull failed: {value}")
-        await request.app.ctx.manager.unload(repo)
-        return json_response({"status": "success"})
-    response = await request.respond(content_type=NDJSON)
-    for event in held:
-        await response.send(dumps(event) + "\n")
-    sent_success = False
-    while True:
-        if kind == "progress":
-            sent_success = value.get("status") == "success"
-            await response.send(dumps(value) + "\n")
-        elif kind == "error":
-            await response.send(dumps({"error": str(value)}) + "\n")
-            break
-        else:
+        if kind == "error" or not stream:
+            while kind == "progress":
+                kind, value = await queue.get()
+            await task
+            if kind == "error":
+                raise value if isinstance(value, MrsError) else MrsError(f"pull failed: {value}")
             await request.app.ctx.manager.unload(repo)
-            if not sent_success:
-                await response.send(dumps({"status": "success"}) + "\n")
-            break
-        kind, value = await queue.get()
-    await response.eof()
-    return None
+            return json_response({"status": "success"})
+        response = await request.respond(content_type=NDJSON)
+        for event in held:
+            await response.send(dumps(event) + "\n")
+        sent_success = False
+        while True:
+            if kind == "progress":
+                sent_success = value.get("status") == "success"
+                await response.send(dumps(value) + "\n")
+            elif kind == "error":
+                await response.send(dumps({"error": str(value)}) + "\n")
+                break
+            else:
+                await request.app.ctx.manager.unload(repo)
+                if not sent_success:
+                    await response.send(dumps({"status": "success"}) + "\n")
+                break
+            kind, value = await queue.get()
+        await response.eof()
+        return None
+    finally:
+        cancelled.set()  # no-op once the pull has finished; stops it if the client left
 

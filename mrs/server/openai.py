@@ -78,10 +78,11 @@ def _check_tools(body: dict) -> None:
         raise UnsupportedFeatureError("tool_choice is not supported by mrs")
 
 
-def _response_format(body: dict, messages: list[dict]) -> None:
+def _response_format(body: dict, messages: list[dict]) -> str | None:
+    """``response_format``: json_object constrains the reply to one JSON object."""
     fmt = body.get("response_format")
     if fmt is None:
-        return
+        return None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise InvalidParameterError("response_format", fmt, "{'type': 'text'} or {'type': 'json_object'}")
     if fmt["type"] == "json_schema":
@@ -90,6 +91,7 @@ def _response_format(body: dict, messages: list[dict]) -> None:
     if fmt["type"] == "json_object" and not any("json" in m["content"].lower() for m in messages):
         raise BadRequestError("'messages' must contain the word 'json' in some form to use response_format "
                               "of type 'json_object'")
+    return "json" if fmt["type"] == "json_object" else None
 
 
 def _chat_logprobs(model: Any, tokens) -> dict:
@@ -125,7 +127,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     stream = bool(get_bool(body, "stream", False))
     include_usage = _stream_options(body, stream)
     _check_tools(body)
-    _response_format(body, messages)
+    opts.format = _response_format(body, messages)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": name, "system_fingerprint": "mrs"}
     async with request.app.ctx.manager.use(name) as (loaded, _):

@@ -156,6 +156,7 @@ class GenOptions:
     top_logprobs: int = 0
     context: int | None = None             # Ollama num_ctx: cap on prompt + output
     n: int = 1
+    format: str | None = None              # "json": one JSON object (constrained decoding)
 
     def sampling_row(self, seed_offset: int = 0) -> SamplingParams:
         """The validated one-row SamplingParams (choice ``seed_offset`` of n gets seed + offset)."""
@@ -247,7 +248,11 @@ def native_options(body: dict) -> GenOptions:
         if value is not None:
             sampling[key] = value
     sampling["seed"] = get_seed(body)
-    opts = GenOptions(max_tokens=get_int(body, "max_tokens", 256, lo=1), stop=get_stop(body), sampling=sampling)
+    fmt = get_str(body, "format")
+    if fmt not in (None, "text", "json"):
+        raise InvalidParameterError("format", fmt, "'text' or 'json' (one JSON object)")
+    opts = GenOptions(max_tokens=get_int(body, "max_tokens", 256, lo=1), stop=get_stop(body), sampling=sampling,
+                      format="json" if fmt == "json" else None)
     opts.sampling_row()
     return opts
 
