@@ -17,7 +17,9 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class KVCache:
-    """keys/values: one [slots, kv_heads, max_len, head_dim] array per layer; lengths: [slots]."""
+    """keys: one [slots, kv_heads, max_len, head_dim] array per layer; values: one
+    [slots, kv_heads, head_dim, max_len] array per layer (time last, the layout the
+    probs @ values contraction reads without a transposed copy); lengths: [slots]."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -26,9 +28,8 @@ class KVCache:
     @classmethod
     def init(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
              dtype: jnp.dtype) -> KVCache:
-        shape = (slots, kv_heads, max_len, head_dim)
-        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
-                   values=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+        return cls(keys=tuple(jnp.zeros((slots, kv_heads, max_len, head_dim), dtype) for _ in range(layers)),
+                   values=tuple(jnp.zeros((slots, kv_heads, head_dim, max_len), dtype) for _ in range(layers)),
                    lengths=jnp.zeros((slots,), jnp.int32))
 
     @property
@@ -41,16 +42,21 @@ class KVCache:
                        lengths=self.lengths)
 
 
-def write_positions(cache_layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter new [B, T, K, H] entries into a [B, K, S, H] layer at per-row positions [B, T].
+def write_positions(cache_layer: jax.Array, new: jax.Array, positions: jax.Array, *,
+                    time_last: bool = False) -> jax.Array:
+    """Scatter new [B, T, K, H] entries into a [B, K, S, H] layer (or [B, K, H, S] with
+    ``time_last``) at per-row positions [B, T].
 
     Positions < 0 (padding) or >= S are dropped, so padding never reaches the cache
     and a row can never overwrite another position by clamping.
     """
-    slots, _, max_len, _ = cache_layer.shape
+    slots, max_len = cache_layer.shape[0], cache_layer.shape[3 if time_last else 2]
     index = jnp.where(positions < 0, max_len, positions)                     # [B, T]
     rows = jnp.broadcast_to(jnp.arange(slots)[:, None], index.shape)          # [B, T]
-    return cache_layer.at[rows, :, index, :].set(new.astype(cache_layer.dtype), mode="drop")
+    new = new.astype(cache_layer.dtype)
+    if time_last:
+        return cache_layer.at[rows, :, :, index].set(new, mode="drop")
+    return cache_layer.at[rows, :, index, :].set(new, mode="drop")
 
 
 def advance(lengths: jax.Array, positions: jax.Array) -> jax.Array:

@@ -250,9 +250,9 @@ def cached_attention(
     cache_keys: jax.Array, cache_values: jax.Array,
     positions: jax.Array, *, scale: float, window: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Attend q [B, T, N, H] causally over the layer cache [B, K, S, H] plus this step's
-    k, v [B, T, K, H], then write k, v into the cache at ``positions``. Returns out
-    [B, T, N*H] and the new cache.
+    """Attend q [B, T, N, H] causally over the layer cache (keys [B, K, S, H], values
+    [B, K, H, S]) plus this step's k, v [B, T, K, H], then write k, v into the cache at
+    ``positions``. Returns out [B, T, N*H] and the new cache.
 
     The cache holds a row's earlier positions, all below its first new position; the
     new block is attended directly, so the step reads the cache as it came in and the
@@ -278,10 +278,10 @@ def cached_attention(
     visible = jnp.concatenate([jnp.broadcast_to(seen, (batch, steps, max_len)), fresh], axis=-1)
     scores = jnp.where(visible[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = (jnp.einsum("BKGTS,BKSH->BTKGH", probs[..., :max_len], cache_values.astype(v.dtype))
+    out = (jnp.einsum("BKGTS,BKHS->BTKGH", probs[..., :max_len], cache_values.astype(v.dtype))
            + jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., max_len:], v))
     cache_keys = write_positions(cache_keys, k, positions)
-    cache_values = write_positions(cache_values, v, positions)
+    cache_values = write_positions(cache_values, v, positions, time_last=True)
     return out.reshape(batch, steps, heads * head_dim), cache_keys, cache_values
 
 
