@@ -20,7 +20,8 @@ import json
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -145,6 +146,17 @@ def _number(state: State, byte: int) -> State | None:
     return None
 
 
+class Grammar(NamedTuple):
+    """A byte automaton: its transition function and where free string bodies are."""
+
+    name: str
+    feed: Callable[[Any, int], Any]
+    in_string: Callable[[Any], bool]
+
+
+JSON = Grammar("json", feed, lambda state: state[0] == "str")
+
+
 # --- the vocabulary as bytes ------------------------------------------------------------
 
 def _byte_level_table() -> dict[str, int]:
@@ -232,30 +244,32 @@ class TokenTable:
             node.below = np.concatenate(parts) if len(parts) > 1 else parts[0]
             node.plain = all(b in PLAIN_STRING_BYTES and c.plain for b, c in node.children.items())
 
-    def allowed(self, state: State) -> np.ndarray:
-        """[vocab] bool: tokens whose bytes all continue valid JSON from ``state``."""
+    def allowed(self, state: Any, grammar: Grammar | None = None) -> np.ndarray:
+        """[vocab] bool: tokens whose bytes the grammar (plain JSON by default) all accepts from ``state``."""
+        grammar = grammar or JSON
+        key = (grammar.name, state)
         with self._lock:
-            mask = self._masks.get(state)
+            mask = self._masks.get(key)
             if mask is not None:
-                self._masks.move_to_end(state)
+                self._masks.move_to_end(key)
                 return mask
         mask = np.zeros(self.size, bool)
         work = [(self.root, state)]
         while work:
             node, current = work.pop()
             for byte, child in node.children.items():
-                nxt = feed(current, byte)
+                nxt = grammar.feed(current, byte)
                 if nxt is None:
                     continue
                 if child.ends:
                     mask[child.ends] = True
-                if nxt[0] == "str" and child.plain:  # the rest of every token below stays in the string
+                if child.plain and grammar.in_string(nxt):  # every token below stays in the string
                     mask[child.below] = True
                 elif child.children:
                     work.append((child, nxt))
         mask.flags.writeable = False
         with self._lock:
-            self._masks[state] = mask
+            self._masks[key] = mask
             if len(self._masks) > 512:
                 self._masks.popitem(last=False)
         return mask
@@ -277,11 +291,11 @@ def token_table(tokenizer: Any, vocab_size: int) -> TokenTable:
 
 
 class JsonConstraint:
-    """One request's position in the JSON automaton."""
+    """One request's position in a JSON grammar (plain JSON, or a schema's)."""
 
-    def __init__(self, table: TokenTable):
-        self.table = table
-        self.state: State = START
+    def __init__(self, table: TokenTable, grammar: Grammar | None = None, start: Any = START):
+        self.table, self.grammar = table, grammar or JSON
+        self.state = start
 
     @property
     def complete(self) -> bool:
@@ -289,31 +303,35 @@ class JsonConstraint:
         return self.state[0] == "done"
 
     def allowed(self) -> np.ndarray:
-        return self.table.allowed(self.state)
+        return self.table.allowed(self.state, self.grammar)
 
     def advance(self, token: int) -> None:
         """Follow a sampled token (it came from ``allowed()``, so it is valid)."""
         piece = self.table.pieces[token] if 0 <= token < self.table.size else None
         state = self.state
         for byte in piece or b"":
-            state = feed(state, byte)
+            state = self.grammar.feed(state, byte)
             if state is None:
                 raise ValueError(f"token {token} ({piece!r}) does not continue valid JSON")
         self.state = state
 
 
-FORMATS = ("json",)
-
-
 def constraint_for(model: Any, format: Any) -> JsonConstraint | None:
-    """The constraint a request's ``format`` asks for: None (free text) or "json"."""
+    """The constraint a request's ``format`` asks for: None (free text), "json" (one
+    JSON object) or a JSON schema (a dict; see mrs.schema for what it enforces)."""
     if format in (None, "", "text"):
         return None
-    if format != "json":
-        raise InvalidParameterError("format", format, "'json' (one JSON object) or None")
+    if format != "json" and not isinstance(format, dict):
+        raise InvalidParameterError("format", format, "'json' (one JSON object), a JSON schema, or None")
     if model.tokenizer is None:
         raise MrsError(f"model {model.name} has no tokenizer.json, so its output cannot be constrained to JSON")
-    constraint = JsonConstraint(token_table(model.tokenizer, model.vocab_size))
+    table = token_table(model.tokenizer, model.vocab_size)
+    if format == "json":
+        constraint = JsonConstraint(table)
+    else:
+        from mrs import schema
+
+        constraint = JsonConstraint(table, schema.GRAMMAR, schema.start_state(schema.compile_schema(format)))
     if not constraint.allowed().any():
-        raise MrsError(f"the vocabulary of {model.name} has no token that can start a JSON object")
+        raise MrsError(f"the vocabulary of {model.name} has no token that can start this JSON output")
     return constraint

@@ -72,18 +72,25 @@ def test_generate_stream_is_ndjson_and_missing_stream_means_streaming(live_serve
         check_ollama_chunk(line, chat=False)
 
 
-def test_format_json_and_a_schema_constrain_the_answer_to_a_json_object(client):
+def test_format_json_and_a_schema_constrain_the_answer(client):
     from mrs.constrain import START, feed
+    from mrs.schema import compile_schema, schema_feed, start_state
 
-    for fmt in ("json", {"type": "object", "properties": {"a": {"type": "integer"}}}):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for fmt, step, state in (("json", feed, START), (schema, schema_feed, start_state(compile_schema(schema)))):
         r = client.generate(model=LLAMA, prompt="Reply in JSON", format=fmt,
                             options={"temperature": 1.0, "seed": 7, "num_predict": 16})
-        state = START
         for byte in r.response.encode("utf-8"):
-            state = feed(state, byte)
+            state = step(state, byte)
             assert state is not None, r.response
         assert r.response.lstrip().startswith("{")
         assert r.done_reason in ("stop", "length")
+
+
+def test_a_bad_schema_is_400(live_server):
+    with live_server.client() as c:
+        r = c.post("/api/generate", json={"model": LLAMA, "prompt": "x", "format": {"type": "thing"}})
+    assert r.status_code == 400 and "format" in r.json()["error"]
 
 
 def test_generate_with_a_stop_string_ends_before_it(client):

@@ -128,6 +128,22 @@ def test_json_object_response_format_needs_json_in_the_messages(client):
     assert is_json_prefix("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
 
 
+def test_json_schema_response_format_constrains_the_reply(client):
+    from mrs.schema import compile_schema, schema_feed, start_state
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    r = client.chat.completions.create(
+        model=LLAMA, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=6,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    state = start_state(compile_schema(schema))
+    for byte in r.choices[0].message.content.encode("utf-8"):
+        state = schema_feed(state, byte)
+        assert state is not None
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+
+
 def is_json_prefix(text: str) -> bool:
     """The text starts a JSON object: the JSON automaton accepts every byte of it."""
     from mrs.constrain import START, feed

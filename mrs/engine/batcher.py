@@ -85,7 +85,7 @@ class Request:
     logprobs: bool = False
     top_logprobs: int = 0
     context: int | None = None  # cap on prompt + output tokens (below the cache length)
-    format: str | None = None  # "json": constrained to one JSON object (mrs.constrain)
+    format: str | dict | None = None  # "json" or a JSON schema: constrained output (mrs.constrain)
     cancelled: bool = False
     submitted_at: float = 0.0
     constraint: JsonConstraint | None = None  # set by submit() from ``format``

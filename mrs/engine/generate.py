@@ -166,13 +166,14 @@ class RunResult:
 
 def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=None, system: str | None = None,
         ignore_eos: bool = False, cache: Any = None, reuse: Sequence[int] | None = None,
-        format: str | None = None, **sampling: Any) -> Iterator[tuple[int, str] | RunResult]:
+        format: str | dict | None = None, **sampling: Any) -> Iterator[tuple[int, str] | RunResult]:
     """The generation loop: yields (row, text piece) as text appears, then a RunResult.
 
     With ``cache`` (one slot per prompt) and ``reuse[b]`` (how many leading prompt
     tokens of row b that cache already holds), only the rest of each prompt is
     prefilled — how a chat session reuses its conversation so far. ``format="json"``
-    constrains every row to one JSON object (see mrs.constrain).
+    constrains every row to one JSON object, a dict to that JSON schema (mrs.constrain,
+    mrs.schema).
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
         raise InvalidParameterError("max_tokens", max_tokens, "an integer >= 1")

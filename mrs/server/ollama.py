@@ -88,14 +88,13 @@ def _check_unsupported(body: dict) -> None:
         raise UnsupportedFeatureError("this model does not support thinking")
 
 
-def _format(body: dict) -> str | None:
-    """Ollama's ``format``: "json" or a JSON schema both constrain the output to one JSON
-    object; the schema's own keywords (properties, types) are not enforced."""
+def _format(body: dict) -> str | dict | None:
+    """Ollama's ``format``: "json" (one JSON object) or a JSON schema (see mrs.schema)."""
     fmt = body.get("format")
     if fmt in (None, ""):
         return None
     if fmt == "json" or isinstance(fmt, dict):
-        return "json"
+        return fmt
     raise InvalidParameterError("format", fmt, "'json' or a JSON schema object")
 
 

@@ -78,16 +78,20 @@ def _check_tools(body: dict) -> None:
         raise UnsupportedFeatureError("tool_choice is not supported by mrs")
 
 
-def _response_format(body: dict, messages: list[dict]) -> str | None:
-    """``response_format``: json_object constrains the reply to one JSON object."""
+def _response_format(body: dict, messages: list[dict]) -> str | dict | None:
+    """``response_format``: json_object constrains the reply to one JSON object, json_schema
+    to its schema (see mrs.schema for the keywords enforced)."""
     fmt = body.get("response_format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise InvalidParameterError("response_format", fmt, "{'type': 'text'} or {'type': 'json_object'}")
+        raise InvalidParameterError("response_format", fmt,
+                                    "{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', ...}")
     if fmt["type"] == "json_schema":
-        raise UnsupportedFeatureError("response_format json_schema (structured outputs) is not supported by mrs; "
-                                      "use json_object")
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidParameterError("response_format.json_schema", spec, "{'name': ..., 'schema': {...}}")
+        return spec["schema"]
     if fmt["type"] == "json_object" and not any("json" in m["content"].lower() for m in messages):
         raise BadRequestError("'messages' must contain the word 'json' in some form to use response_format "
                               "of type 'json_object'")

@@ -156,7 +156,7 @@ class GenOptions:
     top_logprobs: int = 0
     context: int | None = None             # Ollama num_ctx: cap on prompt + output
     n: int = 1
-    format: str | None = None              # "json": one JSON object (constrained decoding)
+    format: str | dict | None = None       # "json" or a JSON schema (constrained decoding)
 
     def sampling_row(self, seed_offset: int = 0) -> SamplingParams:
         """The validated one-row SamplingParams (choice ``seed_offset`` of n gets seed + offset)."""

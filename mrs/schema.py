@@ -1,0 +1,214 @@
+"""JSON Schema as a grammar for constrained decoding (Ollama's ``format: {schema}``,
+OpenAI's ``response_format: {"type": "json_schema"}``).
+
+A schema compiles into nodes; the automaton below walks them byte by byte, like
+``mrs.constrain.feed`` walks plain JSON, and hands scalar values (strings, numbers,
+booleans, null, untyped values) to that plain automaton. Enforced: ``type`` (one or a
+list), ``properties`` (only declared keys, each at most once, any order), ``required``,
+``items``, ``minItems``/``maxItems``, ``enum``/``const``, and ``anyOf``/``oneOf`` of
+plain types. Other keywords (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are
+not enforced: such a node accepts any JSON value of its type.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from mrs.constrain import DIGITS, MAX_DEPTH, MAX_WHITESPACE, NUMBER_ENDS, WHITESPACE, Grammar, State, feed
+from mrs.errors import InvalidParameterError
+
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+ANY = frozenset(TYPES)
+VALUE_START: State = ("value", "", 0)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One schema position: the value types allowed there and their structure."""
+
+    kinds: frozenset[str]
+    properties: tuple[tuple[bytes, int], ...] = ()  # (json-encoded key without its opening quote, node)
+    required: frozenset[bytes] = frozenset()
+    items: int = 0                                  # node of array items (0 = any value)
+    min_items: int = 0
+    max_items: int | None = None
+    enum: tuple[bytes, ...] | None = None           # json-encoded allowed values
+
+
+_NODES: list[Node] = [Node(ANY)]                    # node 0: any JSON value
+_COMPILED: dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def compile_schema(schema: Any) -> int:
+    """The root node of a schema (compiled once per distinct schema)."""
+    if not isinstance(schema, dict):
+        raise InvalidParameterError("format", schema, "a JSON schema object")
+    key = json.dumps(schema, sort_keys=True)
+    with _LOCK:
+        if key not in _COMPILED:
+            _COMPILED[key] = _compile(schema, 0)
+        return _COMPILED[key]
+
+
+def _add(node: Node) -> int:
+    _NODES.append(node)
+    return len(_NODES) - 1
+
+
+def _kinds(schema: dict) -> frozenset[str] | None:
+    """The types a schema allows, or None when it is not a plain union of types."""
+    kind = schema.get("type")
+    if kind is None:
+        return frozenset({"object"}) if "properties" in schema else None
+    kinds = [kind] if isinstance(kind, str) else kind
+    if not isinstance(kinds, list) or not kinds or not all(k in TYPES for k in kinds):
+        raise InvalidParameterError("format", kind, f"JSON schema types among {', '.join(TYPES)}")
+    return frozenset(kinds)
+
+
+def _compile(schema: Any, depth: int) -> int:
+    if not isinstance(schema, dict) or depth > MAX_DEPTH:
+        return 0
+    if "const" in schema or "enum" in schema:
+        values = [schema["const"]] if "const" in schema else schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise InvalidParameterError("format", values, "a non-empty JSON schema enum")
+        return _add(Node(ANY, enum=tuple(sorted({json.dumps(v, ensure_ascii=False).encode() for v in values}))))
+    for union in ("anyOf", "oneOf"):
+        if isinstance(schema.get(union), list) and schema[union]:
+            kinds = [_kinds(branch) if isinstance(branch, dict) and set(branch) <= {"type", "description", "title"}
+                     else None for branch in schema[union]]
+            return _add(Node(frozenset().union(*kinds))) if all(kinds) else 0
+    kinds = _kinds(schema)
+    if kinds is None:
+        return 0
+    properties: list[tuple[bytes, int]] = []
+    raw = schema.get("properties")
+    if "object" in kinds and isinstance(raw, dict):
+        properties = [(json.dumps(name, ensure_ascii=False).encode()[1:], _compile(sub, depth + 1))
+                      for name, sub in raw.items()]
+    required = schema.get("required") or []
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise InvalidParameterError("format", required, "a JSON schema 'required' list of property names")
+    names = {p for p, _ in properties}
+    wanted = frozenset(json.dumps(r, ensure_ascii=False).encode()[1:] for r in required)
+    if properties and not wanted <= names:
+        raise InvalidParameterError("format", required, "required properties that are declared in 'properties'")
+    low, high = schema.get("minItems", 0), schema.get("maxItems")
+    if not isinstance(low, int) or low < 0 or (high is not None and (not isinstance(high, int) or high < low)):
+        raise InvalidParameterError("format", (low, high), "0 <= minItems <= maxItems")
+    items = _compile(schema.get("items"), depth + 1) if "array" in kinds else 0
+    return _add(Node(kinds, tuple(properties), wanted, items, low, high))
+
+
+# --- the automaton --------------------------------------------------------------------
+# A state is (mode, frames, x, ws): frames are the open containers, ("o", node, keys
+# seen) or ("a", node, items done); x is the mode's detail; ws counts whitespace.
+
+def _done(frames: tuple) -> tuple:
+    if not frames:
+        return ("done", (), None, 0)
+    kind, node, seen = frames[-1]
+    if kind == "a":
+        frames = frames[:-1] + (("a", node, seen + 1),)
+    return ("after", frames, None, 0)
+
+
+def _start(frames: tuple, node_id: int, byte: int) -> tuple | None:
+    """The first byte of a value of ``node_id``."""
+    node = _NODES[node_id]
+    if node.enum is not None:
+        return _literal(frames, tuple(c for c in node.enum), byte)
+    if len(frames) >= MAX_DEPTH:
+        return None
+    if byte == ord("{") and "object" in node.kinds and node.properties:
+        return ("obj_first", frames + (("o", node_id, frozenset()),), None, 0)
+    if byte == ord("[") and "array" in node.kinds:
+        return ("arr_first", frames + (("a", node_id, 0),), None, 0)
+    kind = {ord("{"): "object", ord('"'): "string", ord("-"): "number", ord("t"): "boolean", ord("f"): "boolean",
+            ord("n"): "null"}.get(byte, "number" if byte in DIGITS else None)
+    if kind is None or not (kind in node.kinds or (kind == "number" and "integer" in node.kinds)):
+        return None
+    sub = feed(VALUE_START, byte)
+    return None if sub is None else ("scalar", frames, (sub, node_id), 0)
+
+
+def _literal(frames: tuple, candidates: tuple[bytes, ...], byte: int) -> tuple | None:
+    left = tuple(c[1:] for c in candidates if c[:1] == bytes([byte]))
+    if not left:
+        return None
+    return _done(frames) if left == (b"",) else ("lit", frames, left, 0)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def schema_feed(state: tuple, byte: int) -> tuple | None:
+    """The state after one more byte, or None if no value valid for the schema continues so."""
+    mode, frames, x, ws = state
+    if mode == "scalar":
+        sub, node_id = x
+        integer = "integer" in _NODES[node_id].kinds and "number" not in _NODES[node_id].kinds
+        if integer and sub[0] in NUMBER_ENDS and byte in b".eE":
+            return None
+        nxt = feed(sub, byte)
+        if nxt is None:  # a number ends at the first byte that is not part of it
+            return schema_feed(_done(frames), byte) if sub[0] in NUMBER_ENDS and not sub[1] else None
+        return _done(frames) if nxt[0] == "done" else ("scalar", frames, (nxt, node_id), 0)
+    if mode == "lit":
+        left = tuple(c[1:] for c in x if c[:1] == bytes([byte]))
+        if left:
+            return _done(frames) if left == (b"",) else ("lit", frames, left, 0)
+        return schema_feed(_done(frames), byte) if b"" in x else None  # "1" of "1" and "12", then a comma
+    if mode == "keyname":  # x: (rest of the encoded key, key, value node) for each unseen property
+        left = tuple((rest[1:], key, node_id) for rest, key, node_id in x if rest[:1] == bytes([byte]))
+        for rest, key, node_id in left:
+            if not rest:  # keys end with their closing quote, so no key is a prefix of another
+                kind, owner, seen = frames[-1]
+                return ("colon", frames[:-1] + ((kind, owner, seen | {key}),), node_id, 0)
+        return ("keyname", frames, left, 0) if left else None
+    if mode == "done":
+        return None
+    if byte in WHITESPACE:
+        return (mode, frames, x, ws + 1) if ws < MAX_WHITESPACE else None
+    if mode == "value":
+        return _start(frames, x, byte)
+    if mode == "colon":
+        return ("value", frames, x, 0) if byte == ord(":") else None
+    kind, node_id, seen = frames[-1]
+    node = _NODES[node_id]
+    if mode in ("obj_first", "key"):
+        if byte == ord('"'):
+            left = tuple((key, key, n) for key, n in node.properties if key not in seen)
+            return ("keyname", frames, left, 0) if left else None
+        if mode == "obj_first" and byte == ord("}") and node.required <= seen:
+            return _done(frames[:-1])
+        return None
+    if mode == "arr_first":
+        if byte == ord("]") and node.min_items == 0:
+            return _done(frames[:-1])
+        return _start(frames, node.items, byte) if node.max_items != 0 else None
+    if mode == "after":
+        if kind == "o":
+            if byte == ord(","):
+                return ("key", frames, None, 0) if any(p not in seen for p, _ in node.properties) else None
+            return _done(frames[:-1]) if byte == ord("}") and node.required <= seen else None
+        if byte == ord(","):
+            return ("value", frames, node.items, 0) if node.max_items is None or seen < node.max_items else None
+        return _done(frames[:-1]) if byte == ord("]") and seen >= node.min_items else None
+    raise AssertionError(f"unknown schema automaton mode {mode!r}")
+
+
+def start_state(root: int) -> tuple:
+    return ("value", (), root, 0)
+
+
+def in_string(state: tuple) -> bool:
+    """Inside a free string body, where quote-free, escape-free bytes never change the state."""
+    return state[0] == "scalar" and state[2][0][0] == "str"
+
+
+GRAMMAR = Grammar("schema", schema_feed, in_string)
