@@ -32,9 +32,9 @@ from mrs.errors import InvalidParameterError, MrsError
 State = tuple[str, str, Any]
 START: State = ("top", "", 0)
 MAX_DEPTH = 64
-# Consecutive whitespace allowed between tokens: enough for indented output, and a
-# model cannot stall in an endless run of newlines.
-MAX_WHITESPACE = 24
+# Consecutive whitespace allowed between tokens: enough for indented output (a newline
+# and 16 levels of 4-space indentation), and a model cannot stall in endless newlines.
+MAX_WHITESPACE = 65
 WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")

@@ -7,7 +7,9 @@ booleans, null, untyped values) to that plain automaton. Enforced: ``type`` (one
 list), ``properties`` (only declared keys, each at most once, any order), ``required``,
 ``items``, ``minItems``/``maxItems``, ``enum``/``const``, and ``anyOf``/``oneOf`` of
 plain types. Other keywords (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are
-not enforced: such a node accepts any JSON value of its type.
+not enforced: such a node accepts any JSON value of its type; so does an object
+without ``properties`` (any keys). A value at the top level that could go on (a
+number) ends with one whitespace byte.
 """
 
 from __future__ import annotations
@@ -48,11 +50,16 @@ def compile_schema(schema: Any) -> int:
     """The root node of a schema (compiled once per distinct schema)."""
     if not isinstance(schema, dict):
         raise InvalidParameterError("format", schema, "a JSON schema object")
-    key = json.dumps(schema, sort_keys=True)
-    with _LOCK:
-        if key not in _COMPILED:
-            _COMPILED[key] = _compile(schema, 0)
-        return _COMPILED[key]
+    try:
+        key = json.dumps(schema, sort_keys=True, allow_nan=False)
+        with _LOCK:
+            if key not in _COMPILED:
+                _COMPILED[key] = _compile(schema, 0)
+            return _COMPILED[key]
+    except InvalidParameterError:
+        raise
+    except (ValueError, TypeError, UnicodeEncodeError) as e:  # NaN/Infinity, lone surrogates, odd values
+        raise InvalidParameterError("format", "schema", f"a JSON schema of finite JSON values ({e})") from e
 
 
 def _add(node: Node) -> int:
@@ -78,7 +85,8 @@ def _compile(schema: Any, depth: int) -> int:
         values = [schema["const"]] if "const" in schema else schema["enum"]
         if not isinstance(values, list) or not values:
             raise InvalidParameterError("format", values, "a non-empty JSON schema enum")
-        return _add(Node(ANY, enum=tuple(sorted({json.dumps(v, ensure_ascii=False).encode() for v in values}))))
+        return _add(Node(ANY, enum=tuple(sorted({json.dumps(v, ensure_ascii=False, allow_nan=False).encode()
+                                                 for v in values}))))
     for union in ("anyOf", "oneOf"):
         if isinstance(schema.get(union), list) and schema[union]:
             kinds = [_kinds(branch) if isinstance(branch, dict) and set(branch) <= {"type", "description", "title"}
@@ -156,13 +164,19 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
             return None
         nxt = feed(sub, byte)
         if nxt is None:  # a number ends at the first byte that is not part of it
-            return schema_feed(_done(frames), byte) if sub[0] in NUMBER_ENDS and not sub[1] else None
+            if sub[0] not in NUMBER_ENDS or sub[1]:
+                return None
+            # At the top, nothing follows: one whitespace byte ends the number (and the output).
+            return _done(frames) if not frames and byte in WHITESPACE else schema_feed(_done(frames), byte)
         return _done(frames) if nxt[0] == "done" else ("scalar", frames, (nxt, node_id), 0)
     if mode == "lit":
         left = tuple(c[1:] for c in x if c[:1] == bytes([byte]))
         if left:
             return _done(frames) if left == (b"",) else ("lit", frames, left, 0)
-        return schema_feed(_done(frames), byte) if b"" in x else None  # "1" of "1" and "12", then a comma
+        if b"" not in x:
+            return None
+        # "1" of "1" and "12", then a comma (or, at the top, a whitespace byte that ends the output)
+        return _done(frames) if not frames and byte in WHITESPACE else schema_feed(_done(frames), byte)
     if mode == "keyname":  # x: (rest of the encoded key, key, value node) for each unseen property
         left = tuple((rest[1:], key, node_id) for rest, key, node_id in x if rest[:1] == bytes([byte]))
         for rest, key, node_id in left:

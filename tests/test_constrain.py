@@ -88,8 +88,8 @@ def test_every_accepted_prefix_can_still_become_json(text):
 
 
 def test_whitespace_runs_are_capped_so_a_model_cannot_stall():
-    assert run(b"{" + b" " * 24) is not None
-    assert run(b"{" + b" " * 25) is None
+    assert run(b"{" + b"\n" + b" " * 64) is not None
+    assert run(b"{" + b"\n" + b" " * 65) is None
 
 
 def test_nothing_follows_the_closed_object():

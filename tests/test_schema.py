@@ -107,9 +107,16 @@ def test_enum_values_that_prefix_each_other_both_work():
     assert run(b'{"name": "", "age": 0, "kind": 12}')[0] == "done"
 
 
+def test_a_number_at_the_top_ends_with_whitespace():
+    for schema, text in (({"type": "integer"}, b"42 "), ({"enum": [1, 10]}, b"1\n"), ({}, b"-2.5e3 ")):
+        assert run(text[:-1], schema)[0] != "done"
+        assert run(text, schema)[0] == "done"
+
+
 def test_bad_schemas_are_invalid_parameters():
     for bad in ({"type": "thing"}, {"enum": []}, {"type": "array", "minItems": 3, "maxItems": 1},
-                {"type": "object", "properties": {"a": {}}, "required": ["b"]}, "object"):
+                {"type": "object", "properties": {"a": {}}, "required": ["b"]}, "object",
+                {"enum": [float("nan")]}, {"type": "object", "properties": {"\ud800": {}}}):
         with pytest.raises(InvalidParameterError, match="format"):
             compile_schema(bad)
 

@@ -153,7 +153,7 @@ def is_json_prefix(text: str) -> bool:
         state = feed(state, byte)
         if state is None:
             return False
-    return text.lstrip().startswith("{")
+    return text.strip() == "" or text.lstrip().startswith("{")
 
 
 def test_completions_text_stream_and_echo(client):

@@ -410,7 +410,10 @@ class Batcher:
                 for r in victims:
                     self._pending.remove(r)
             for r in victims:
-                r.sink(Event(error=MrsError(f"compiling prefill failed: {failed}")))
+                try:
+                    r.sink(Event(error=MrsError(f"compiling prefill failed: {failed}")))
+                except Exception:  # one gone receiver must not keep the others waiting
+                    log.debug("sink of a request failed", exc_info=True)
             return
         with self._cond:
             self._prefills[width] = compiled

@@ -212,18 +212,18 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     positions = step_positions(starts, jnp.asarray([len(ids) for ids in encoded], jnp.int32) - starts, width)
     steps = model.steps
     started = time.perf_counter()
-    step = jnp.zeros((batch,), jnp.int32)
+    step = np.zeros((batch,), np.int32)   # host arrays: no device op per step to count them
     history = jnp.asarray(history)
     current, cache = steps.prefill(model.params, jnp.asarray(tokens), positions, cache, params, history, step,
                                    allowed_rows(steps, rows))
-    sampled = np.asarray(current.tokens)
+    current.tokens.block_until_ready()
     all_sampled: list[list[int]] = [[] for _ in range(batch)]
     prefill_done = time.perf_counter()
 
     def dispatch():
         nonlocal step, cache, history
         step = step + 1
-        active = jnp.asarray([r.finish is None for r in rows])
+        active = np.array([r.finish is None for r in rows])
         pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step, active,
                                                allowed_rows(steps, rows))
         return pending
@@ -235,7 +235,7 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
             # Dispatch the next step before reading this one back: host and device overlap.
             # (Not when a row is constrained: its next mask depends on this step's token.)
             pending = dispatch()
-        logprobs = np.asarray(current.logprobs)
+        sampled, logprobs = np.asarray(current.tokens), np.asarray(current.logprobs)
         for b, row in enumerate(rows):
             if row.finish is None:
                 all_sampled[b].append(int(sampled[b]))
@@ -247,7 +247,6 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
         if pending is None or all(r.finish for r in rows):
             break
         current = pending
-        sampled = np.asarray(current.tokens)
     finished = time.perf_counter()
     for row in rows:
         row.finish = row.finish or "length"
