@@ -19,6 +19,11 @@ prompt token ids (``--prompt-len`` random ids per row, seeded) through
   decode from greedy ``generate(min_new_tokens=max_new_tokens)`` timed per token with a
   streamer, from the first new token to the last.
 
+Both models are loaded side by side, and the timed runs alternate: each of the
+``--repeats`` rounds times one mrs run, then one transformers run, at the same batch
+size. A shared machine's bandwidth drifts from minute to minute; alternating puts both
+frameworks in the same minutes instead of one after the other.
+
 Decode tokens/s counts the ``new_tokens - 1`` tokens made by decode steps (the first
 comes out of prefill): ``batch * (new_tokens - 1) / decode seconds``; the median of
 ``--repeats`` runs is reported (``--stat best``: the fastest, steadier on a shared machine;
@@ -269,54 +274,59 @@ def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, f
     return prefilled - started, time.perf_counter() - prefilled
 
 
-def bench_mrs(model, prompts: np.ndarray, new_tokens: int, repeats: int) -> dict:
-    batch = prompts.shape[0]
-    rows = [list(map(int, row)) for row in prompts]
-    options = {"max_tokens": new_tokens, "ignore_eos": True, "temperature": 0}
-    steps = model.steps
+class MrsBatch:
+    """The timed runs of mrs at one batch size: warm() once, then once() per round."""
 
-    def once() -> tuple[float, float, list[int]]:
-        done = mrs.generate_batch(model, rows, **options)
-        assert all(c.completion_tokens == new_tokens for c in done), "mrs stopped early despite ignore_eos"
+    def __init__(self, model, prompts: np.ndarray, new_tokens: int):
+        self.model, self.prompts, self.new_tokens = model, prompts, new_tokens
+        self.rows = [list(map(int, row)) for row in prompts]
+        self.runs: list[tuple[float, float, float, float, float | None]] = []
+        self.token_ids: list[int] = []
+
+    def _generate(self) -> tuple[float, float, list[int]]:
+        done = mrs.generate_batch(self.model, self.rows, max_tokens=self.new_tokens, ignore_eos=True, temperature=0)
+        assert all(c.completion_tokens == self.new_tokens for c in done), "mrs stopped early despite ignore_eos"
         return done[0].prompt_seconds, done[0].decode_seconds, done[0].token_ids
 
-    compiles_before = steps.compiled_count()
-    t = time.perf_counter()
-    warm_prefill, warm_decode, _ = once()
-    warmup_seconds = time.perf_counter() - t
-    mrs_raw_steps(model, prompts, new_tokens)  # compiles nothing new; warms the raw path's dispatch
-    compiles_warm = steps.compiled_count()
-    prefill, decode, raw_prefill, raw_decode, loads = [], [], [], [], []
-    token_ids: list[int] = []
-    for i in range(repeats):
-        console.log(f"mrs batch {batch}: run {i + 1}/{repeats}")
-        p, d, token_ids = once()
-        prefill.append(p)
-        loads.append(load_average())
-        decode.append(d)
-        rp, rd = mrs_raw_steps(model, prompts, new_tokens)
-        raw_prefill.append(rp)
-        raw_decode.append(rd)
-    recompiles = steps.compiled_count() - compiles_warm
-    if recompiles:
-        console.log(f"[red]mrs recompiled {recompiles} time(s) during timed runs: timings include compiles")
-    decode_steps = new_tokens - 1
-    return {
-        "prefill_tok_s": batch * prompts.shape[1] / typical(prefill),
-        "decode_tok_s": batch * decode_steps / typical(decode),
-        "decode_step_ms": 1e3 * typical(decode) / decode_steps,
-        "raw_prefill_tok_s": batch * prompts.shape[1] / typical(raw_prefill),
-        "raw_decode_tok_s": batch * decode_steps / typical(raw_decode),
-        "raw_decode_step_ms": 1e3 * typical(raw_decode) / decode_steps,
-        "prefill_seconds": prefill, "decode_seconds": decode,
-        "raw_prefill_seconds": raw_prefill, "raw_decode_seconds": raw_decode,
-        "warmup": {"seconds": warmup_seconds, "prefill_seconds": warm_prefill, "decode_seconds": warm_decode},
-        "compilations": {"warmup": compiles_warm - compiles_before, "timed": recompiles},
-        "loadavg_per_run": loads, "tokens_row0": token_ids,
-    }
+    def warm(self) -> None:
+        steps = self.model.steps
+        self.compiles_before = steps.compiled_count()
+        t = time.perf_counter()
+        self.warm_prefill, self.warm_decode, _ = self._generate()
+        self.warmup_seconds = time.perf_counter() - t
+        mrs_raw_steps(self.model, self.prompts, self.new_tokens)  # compiles nothing new; warms the raw path
+        self.compiles_warm = steps.compiled_count()
+
+    def once(self) -> None:
+        p, d, self.token_ids = self._generate()
+        load = load_average()
+        rp, rd = mrs_raw_steps(self.model, self.prompts, self.new_tokens)
+        self.runs.append((p, d, rp, rd, load))
+
+    def result(self) -> dict:
+        batch, new_tokens = self.prompts.shape[0], self.new_tokens
+        recompiles = self.model.steps.compiled_count() - self.compiles_warm
+        if recompiles:
+            console.log(f"[red]mrs recompiled {recompiles} time(s) during timed runs: timings include compiles")
+        prefill, decode, raw_prefill, raw_decode, loads = (list(x) for x in zip(*self.runs, strict=True))
+        decode_steps = new_tokens - 1
+        return {
+            "prefill_tok_s": batch * self.prompts.shape[1] / typical(prefill),
+            "decode_tok_s": batch * decode_steps / typical(decode),
+            "decode_step_ms": 1e3 * typical(decode) / decode_steps,
+            "raw_prefill_tok_s": batch * self.prompts.shape[1] / typical(raw_prefill),
+            "raw_decode_tok_s": batch * decode_steps / typical(raw_decode),
+            "raw_decode_step_ms": 1e3 * typical(raw_decode) / decode_steps,
+            "prefill_seconds": prefill, "decode_seconds": decode,
+            "raw_prefill_seconds": raw_prefill, "raw_decode_seconds": raw_decode,
+            "warmup": {"seconds": self.warmup_seconds, "prefill_seconds": self.warm_prefill,
+                       "decode_seconds": self.warm_decode},
+            "compilations": {"warmup": self.compiles_warm - self.compiles_before, "timed": recompiles},
+            "loadavg_per_run": loads, "tokens_row0": self.token_ids,
+        }
 
 
-def run_mrs(folder: Path, args, batches: list[int], prompts: np.ndarray) -> dict:
+def load_mrs(folder: Path, args) -> tuple[Any, dict]:
     with mrs_load_progress(folder):
         t = time.perf_counter()
         model = mrs.load(folder, dtype=args.dtype, device="auto", home=folder.parent)
@@ -324,21 +334,8 @@ def run_mrs(folder: Path, args, batches: list[int], prompts: np.ndarray) -> dict
         wall = time.perf_counter() - t
     console.log(f"mrs: loaded {model} in {model.load_seconds:.2f}s ({wall:.2f}s until on device)")
     read, total = weight_bytes(model)
-    out: dict[str, Any] = {
-        "load_seconds": model.load_seconds, "load_wall_seconds": wall, "num_params": model.num_params,
-        "param_bytes": total, "weight_bytes_per_step": read, "by_batch": {},
-    }
-    from mrs.engine.steps import MIN_CACHE_BUCKET, bucket
-
-    max_len = bucket(args.prompt_len + args.new_tokens, MIN_CACHE_BUCKET, model.context_length)
-    for batch in batches:
-        result = bench_mrs(model, prompts[:batch], args.new_tokens, args.repeats)
-        result["cache_len"] = max_len
-        result["kv_bytes_per_step"] = kv_bytes_per_step(model.config, batch, max_len, args.dtype)
-        out["by_batch"][batch] = result
-    del model
-    gc.collect()
-    return out
+    return model, {"load_seconds": model.load_seconds, "load_wall_seconds": wall, "num_params": model.num_params,
+                   "param_bytes": total, "weight_bytes_per_step": read, "by_batch": {}}
 
 
 # --- transformers ------------------------------------------------------------------
@@ -404,7 +401,7 @@ def hf_generate_seconds(model, ids, new: int, pad: int, device: str) -> tuple[fl
     return first - t, end - first, result[0, ids.shape[1]:].tolist()
 
 
-def run_transformers(folder: Path, args, batches: list[int], prompts: np.ndarray) -> dict:
+def load_transformers(folder: Path, args) -> tuple[Any, dict]:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -418,36 +415,75 @@ def run_transformers(folder: Path, args, batches: list[int], prompts: np.ndarray
     _torch_sync(device)
     load_seconds = time.perf_counter() - t
     console.log(f"transformers: loaded in {load_seconds:.2f}s")
-    eos = model.generation_config.eos_token_id
-    pad = (eos[0] if isinstance(eos, list) else eos) or 0
-    out: dict[str, Any] = {"load_seconds": load_seconds, "version": transformers.__version__,
-                           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
-                           "by_batch": {}}
-    new = args.new_tokens
-    for batch in batches:
-        ids = torch.tensor(prompts[:batch], dtype=torch.long, device=device)
+    return model, {"load_seconds": load_seconds, "version": transformers.__version__, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "device": device, "by_batch": {}}
+
+
+class TransformersBatch:
+    """The timed runs of transformers at one batch size: warm() once, then once() per round."""
+
+    def __init__(self, model, device: str, prompts: np.ndarray, new_tokens: int):
+        import torch
+
+        eos = model.generation_config.eos_token_id
+        self.pad = (eos[0] if isinstance(eos, list) else eos) or 0
+        self.model, self.device, self.new_tokens, self.prompts = model, device, new_tokens, prompts
+        self.ids = torch.tensor(prompts, dtype=torch.long, device=device)
+        self.runs: list[tuple[float, float, float, float | None]] = []
+        self.tokens: list[int] = []
+
+    def warm(self) -> None:
         t = time.perf_counter()
-        hf_prefill_seconds(model, ids, device)
-        hf_generate_seconds(model, ids, new, pad, device)
-        warmup = time.perf_counter() - t
-        prefills, gen_prefills, decodes, loads = [], [], [], []
-        tokens: list[int] = []
-        for i in range(args.repeats):
-            console.log(f"transformers batch {batch}: run {i + 1}/{args.repeats}")
-            prefills.append(hf_prefill_seconds(model, ids, device))
-            loads.append(load_average())
-            p, d, tokens = hf_generate_seconds(model, ids, new, pad, device)
-            gen_prefills.append(p)
-            decodes.append(d)
-        out["by_batch"][batch] = {
-            "prefill_tok_s": batch * prompts.shape[1] / typical(prefills),
+        hf_prefill_seconds(self.model, self.ids, self.device)
+        hf_generate_seconds(self.model, self.ids, self.new_tokens, self.pad, self.device)
+        self.warmup = time.perf_counter() - t
+
+    def once(self) -> None:
+        prefill = hf_prefill_seconds(self.model, self.ids, self.device)
+        load = load_average()
+        p, d, self.tokens = hf_generate_seconds(self.model, self.ids, self.new_tokens, self.pad, self.device)
+        self.runs.append((prefill, p, d, load))
+
+    def result(self) -> dict:
+        batch, new = self.prompts.shape[0], self.new_tokens
+        prefills, gen_prefills, decodes, loads = (list(x) for x in zip(*self.runs, strict=True))
+        return {
+            "prefill_tok_s": batch * self.prompts.shape[1] / typical(prefills),
             "decode_tok_s": batch * (new - 1) / typical(decodes),
             "decode_step_ms": 1e3 * typical(decodes) / (new - 1),
-            "generate_prefill_tok_s": batch * prompts.shape[1] / typical(gen_prefills),
+            "generate_prefill_tok_s": batch * self.prompts.shape[1] / typical(gen_prefills),
             "prefill_seconds": prefills, "generate_prefill_seconds": gen_prefills, "decode_seconds": decodes,
-            "warmup_seconds": warmup, "loadavg_per_run": loads, "tokens_row0": tokens,
+            "warmup_seconds": self.warmup, "loadavg_per_run": loads, "tokens_row0": self.tokens,
         }
-    return out
+
+
+def run_rounds(folder: Path, args, batches: list[int], prompts: np.ndarray, with_transformers: bool) -> tuple:
+    """Both frameworks loaded side by side; per batch size, each round times one mrs run
+    then one transformers run, so a slow spell of a shared machine hits both alike."""
+    model, ours = load_mrs(folder, args)
+    theirs = hf = None
+    if with_transformers:
+        hf, theirs = load_transformers(folder, args)
+    from mrs.engine.steps import MIN_CACHE_BUCKET, bucket
+
+    max_len = bucket(args.prompt_len + args.new_tokens, MIN_CACHE_BUCKET, model.context_length)
+    for batch in batches:
+        runners = [MrsBatch(model, prompts[:batch], args.new_tokens)]
+        if hf is not None:
+            runners.append(TransformersBatch(hf, theirs["device"], prompts[:batch], args.new_tokens))
+        for runner in runners:
+            runner.warm()
+        for i in range(args.repeats):
+            console.log(f"batch {batch}: round {i + 1}/{args.repeats}")
+            for runner in runners:
+                runner.once()
+        ours["by_batch"][batch] = runners[0].result() | {
+            "cache_len": max_len, "kv_bytes_per_step": kv_bytes_per_step(model.config, batch, max_len, args.dtype)}
+        if hf is not None:
+            theirs["by_batch"][batch] = runners[1].result()
+    del model, hf
+    gc.collect()
+    return ours, theirs
 
 
 # --- report ------------------------------------------------------------------------
@@ -582,13 +618,13 @@ def main(argv=None) -> None:
     report["bandwidth"] = copy_bandwidth()
     vocab = int(config["vocab_size"])
     prompts = np.random.default_rng(args.seed).integers(3, vocab, (max(batches), args.prompt_len), dtype=np.int32)
-    report["mrs"] = run_mrs(folder, args, batches, prompts)
     skipped = "--no-transformers" if args.no_transformers else transformers_unavailable()
     if skipped:
         report["transformers_skipped"] = skipped
         console.log(f"transformers skipped: {skipped}")
-    else:
-        report["transformers"] = run_transformers(folder, args, batches, prompts)
+    report["mrs"], theirs = run_rounds(folder, args, batches, prompts, with_transformers=not skipped)
+    if theirs is not None:
+        report["transformers"] = theirs
     if hasattr(os, "getloadavg"):
         report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["summary"] = summarize(report)
