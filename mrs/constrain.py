@@ -48,7 +48,7 @@ def _value_done(stack: str) -> State:
     return ("done", "", 0) if not stack else ("after", stack, 0)
 
 
-def _whitespace(state: State, byte: int) -> State | None:
+def _whitespace(state: State) -> State | None:
     mode, stack, count = state
     return (mode, stack, count + 1) if count < MAX_WHITESPACE else None
 
@@ -106,7 +106,7 @@ def feed(state: State, byte: int) -> State | None:
     if mode == "done":
         return None
     if byte in WHITESPACE:
-        return _whitespace(state, byte)
+        return _whitespace(state)
     if mode == "top":
         return ("obj_first", "o", 0) if byte == ord("{") else None
     if mode == "value":

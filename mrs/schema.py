@@ -131,7 +131,7 @@ def _start(frames: tuple, node_id: int, byte: int) -> tuple | None:
     """The first byte of a value of ``node_id``."""
     node = _NODES[node_id]
     if node.enum is not None:
-        return _literal(frames, tuple(c for c in node.enum), byte)
+        return _literal(frames, node.enum, byte)
     if len(frames) >= MAX_DEPTH:
         return None
     if byte == ord("{") and "object" in node.kinds and node.properties:
@@ -170,9 +170,9 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
             return _done(frames) if not frames and byte in WHITESPACE else schema_feed(_done(frames), byte)
         return _done(frames) if nxt[0] == "done" else ("scalar", frames, (nxt, node_id), 0)
     if mode == "lit":
-        left = tuple(c[1:] for c in x if c[:1] == bytes([byte]))
-        if left:
-            return _done(frames) if left == (b"",) else ("lit", frames, left, 0)
+        nxt = _literal(frames, x, byte)
+        if nxt is not None:
+            return nxt
         if b"" not in x:
             return None
         # "1" of "1" and "12", then a comma (or, at the top, a whitespace byte that ends the output)

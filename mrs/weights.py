@@ -142,6 +142,13 @@ def _check_shape(ckpt_name: str, value: np.ndarray, shape: tuple[int, ...], name
         )
 
 
+def _prefix(module: str, suffix: str) -> str | None:
+    """"model.layers.0." for module "model.layers.0.mlp.up_proj" and suffix "mlp.up_proj"; None if no match."""
+    if module == suffix:
+        return ""
+    return module[: len(module) - len(suffix)] if module.endswith("." + suffix) else None
+
+
 class _FusedParts:
     """Collects the checkpoint tensors that load_params stacks into one model tensor."""
 
@@ -153,8 +160,9 @@ class _FusedParts:
         """(module prefix, parts, leaf) when ``name`` is a fused model tensor."""
         module, _, leaf = name.rpartition(".")
         for target, parts in self.fused.items():
-            if module == target or module.endswith("." + target):
-                return module[: len(module) - len(target)], parts, leaf
+            prefix = _prefix(module, target)
+            if prefix is not None:
+                return prefix, parts, leaf
         return None
 
     def add(self, name: str, ckpt_name: str, value: np.ndarray) -> bool:
@@ -162,9 +170,10 @@ class _FusedParts:
         module, _, leaf = name.rpartition(".")
         for target, parts in self.fused.items():
             for index, (part, rows) in enumerate(parts):
-                if module != part and not module.endswith("." + part):
+                prefix = _prefix(module, part)
+                if prefix is None:
                     continue
-                fused_name = f"{module[: len(module) - len(part)]}{target}.{leaf}"
+                fused_name = f"{prefix}{target}.{leaf}"
                 if fused_name not in self.expected:
                     return False
                 shape = (rows,) + tuple(self.expected[fused_name].shape[1:])

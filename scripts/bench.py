@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import platform
@@ -258,18 +257,15 @@ def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, f
     tokens, history = jnp.asarray(tokens), jnp.asarray(history)
     jax.block_until_ready((cache, positions, tokens, history, sampling))
     steps = model.steps
+    allowed, active = steps.all_allowed(batch), np.ones((batch,), bool)
     started = time.perf_counter()
-    # Newer steps take an ``allowed`` [B, V] mask (constrained decoding); pass all-true when they do.
-    mask = (steps.all_allowed(batch),) if hasattr(steps, "all_allowed") else ()
-    result, cache = steps.prefill(model.params, tokens, positions, cache, sampling, history, step, *mask)
+    result, cache = steps.prefill(model.params, tokens, positions, cache, sampling, history, step, allowed)
     result.tokens.block_until_ready()
     prefilled = time.perf_counter()
-    # Newer steps take a per-row ``active`` mask; pass all-active when they do.
-    extra = (jnp.ones((batch,), bool),) if "active" in inspect.signature(steps.decode).parameters else ()
     for _ in range(new_tokens - 1):
         step = step + 1
-        result, cache, history = steps.decode(model.params, result.tokens, cache, sampling, history, step, *extra,
-                                              *mask)
+        result, cache, history = steps.decode(model.params, result.tokens, cache, sampling, history, step, active,
+                                              allowed)
     result.tokens.block_until_ready()
     return prefilled - started, time.perf_counter() - prefilled
 

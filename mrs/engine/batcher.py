@@ -422,8 +422,7 @@ class Batcher:
 
     def _prefill(self, slot: int, request: Request) -> None:
         ids = request.prompt_ids
-        n, S = len(ids), self.max_len
-        width = bucket(n, MIN_PROMPT_BUCKET, S)
+        n, S, width = len(ids), self.max_len, self._width(request)
         tokens = np.zeros((1, width), np.int32)
         tokens[0, :n] = ids
         positions = np.where(np.arange(width) < n, np.arange(width), -1).astype(np.int32)[None]

@@ -193,7 +193,7 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
                                  "(leaving room for at least one new token)")
     rows = [RowOutput(model, len(ids), min(int(max_tokens), context - len(ids)), stops, ignore_eos,
                       constraint_for(model, format)) for ids in encoded]
-    constrained = format is not None and any(r.constraint is not None for r in rows)
+    constrained = any(r.constraint is not None for r in rows)
     new_tokens = max(r.max_tokens for r in rows)
     if cache is None:
         needed = max(len(ids) + r.max_tokens for ids, r in zip(encoded, rows))

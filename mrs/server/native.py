@@ -8,6 +8,9 @@ goes through the model's chat template (with ``system``) when it has one, as
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from sanic import Request
 from sanic.response import HTTPResponse
 
@@ -75,61 +78,51 @@ def _result(done) -> dict:
             "completion_tokens": done.completion_tokens}
 
 
-async def generate(request: Request) -> HTTPResponse:
+@asynccontextmanager
+async def _generation(request: Request, prompts: list[str] | None = None) -> AsyncIterator[tuple[str, Generation]]:
+    """Parse the body, start the request(s) on the model's batcher, cancel whatever is left on exit."""
     body = parse_body(request.body)
-    prompt, system = _prompt(body), get_str(body, "system")
+    if prompts is None:
+        prompts = [_prompt(body)]
+    system = get_str(body, "system")
     opts = native_options(body)
     name = default_model(request, body)
     async with request.app.ctx.manager.use(name) as (loaded, _):
         require_causal(loaded, name)
-        gen = Generation(loaded, [prompt_ids(loaded, name, prompt, system=system)], opts).start()
+        gen = Generation(loaded, [prompt_ids(loaded, name, p, system=system) for p in prompts], opts).start()
         try:
-            done = (await collect(gen))[0]["completion"]
+            yield name, gen
         finally:
             gen.cancel()
+
+
+async def generate(request: Request) -> HTTPResponse:
+    async with _generation(request) as (name, gen):
+        done = (await collect(gen))[0]["completion"]
     return json_response({"model": name, **_result(done)})
 
 
 async def generate_stream(request: Request) -> None:
-    body = parse_body(request.body)
-    prompt, system = _prompt(body), get_str(body, "system")
-    opts = native_options(body)
-    name = default_model(request, body)
-    async with request.app.ctx.manager.use(name) as (loaded, _):
-        require_causal(loaded, name)
-        gen = Generation(loaded, [prompt_ids(loaded, name, prompt, system=system)], opts).start()
+    async with _generation(request) as (_, gen):
+        response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
+        sse = SSE(response)
         try:
-            response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
-            sse = SSE(response)
-            try:
-                async for _, event in gen.events():
-                    if event.text:
-                        await sse.event("token", event.text)
-                await sse.event("done", "[DONE]")
-            except MrsError as e:
-                await sse.event("error", str(e))
-            await response.eof()
-        finally:
-            gen.cancel()
+            async for _, event in gen.events():
+                if event.text:
+                    await sse.event("token", event.text)
+            await sse.event("done", "[DONE]")
+        except MrsError as e:
+            await sse.event("error", str(e))
+        await response.eof()
 
 
 async def generate_batch(request: Request) -> HTTPResponse:
-    body = parse_body(request.body)
-    prompts = body.get("prompts")
+    prompts = parse_body(request.body).get("prompts")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise InvalidParameterError("prompts", prompts, "a non-empty list of non-empty strings")
-    system = get_str(body, "system")
-    opts = native_options(body)
-    name = default_model(request, body)
     limit = request.app.ctx.settings.max_queue
     if len(prompts) > limit:
         raise InvalidParameterError("prompts", f"{len(prompts)} prompts", f"at most {limit} prompts (MRS_MAX_QUEUE)")
-    async with request.app.ctx.manager.use(name) as (loaded, _):
-        require_causal(loaded, name)
-        ids = [prompt_ids(loaded, name, p, system=system) for p in prompts]
-        gen = Generation(loaded, ids, opts).start()
-        try:
-            results = await collect(gen)
-        finally:
-            gen.cancel()
-    return json_response({"model": name, "results": [_result(results[i]["completion"]) for i in range(len(ids))]})
+    async with _generation(request, prompts) as (name, gen):
+        results = await collect(gen)
+    return json_response({"model": name, "results": [_result(results[i]["completion"]) for i in range(len(prompts))]})

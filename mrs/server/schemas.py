@@ -170,6 +170,21 @@ OLLAMA_FLOATS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_pe
 OLLAMA_INTS = ("top_k", "repeat_last_n")
 
 
+def sampling_fields(source: dict) -> dict[str, Any]:
+    """The Ollama-named sampling fields of ``source`` (Ollama ``options`` or a native body)."""
+    sampling: dict[str, Any] = {}
+    for key in OLLAMA_FLOATS:
+        value = get_number(source, key)
+        if value is not None:
+            sampling[key] = value
+    for key in OLLAMA_INTS:
+        value = get_int(source, key, lo=-1 if key == "repeat_last_n" else 0)
+        if value is not None:
+            sampling[key] = value
+    sampling["seed"] = get_seed(source)
+    return sampling
+
+
 def ollama_options(body: dict) -> GenOptions:
     """Ollama ``options`` (+ top-level logprobs/top_logprobs) -> GenOptions. Unknown keys are ignored."""
     options = body.get("options")
@@ -177,16 +192,7 @@ def ollama_options(body: dict) -> GenOptions:
         options = {}
     if not isinstance(options, dict):
         raise InvalidParameterError("options", options, "a JSON object")
-    sampling: dict[str, Any] = {}
-    for key in OLLAMA_FLOATS:
-        value = get_number(options, key)
-        if value is not None:
-            sampling[key] = value
-    for key in OLLAMA_INTS:
-        value = get_int(options, key, lo=-1 if key == "repeat_last_n" else 0)
-        if value is not None:
-            sampling[key] = value
-    sampling["seed"] = get_seed(options)
+    sampling = sampling_fields(options)
     num_predict = get_int(options, "num_predict", lo=-2)
     num_ctx = get_int(options, "num_ctx", lo=1)
     logprobs = bool(get_bool(body, "logprobs", False))
@@ -238,16 +244,7 @@ def openai_options(body: dict, *, chat: bool) -> GenOptions:
 
 def native_options(body: dict) -> GenOptions:
     """model-rs fields (max_tokens, temperature, top_p, top_k, repeat_penalty, ...) -> GenOptions."""
-    sampling: dict[str, Any] = {}
-    for key in OLLAMA_FLOATS:
-        value = get_number(body, key)
-        if value is not None:
-            sampling[key] = value
-    for key in OLLAMA_INTS:
-        value = get_int(body, key, lo=-1 if key == "repeat_last_n" else 0)
-        if value is not None:
-            sampling[key] = value
-    sampling["seed"] = get_seed(body)
+    sampling = sampling_fields(body)
     fmt = get_str(body, "format")
     if fmt not in (None, "text", "json"):
         raise InvalidParameterError("format", fmt, "'text' or 'json' (one JSON object)")
