@@ -70,6 +70,21 @@ def test_decode_updates_the_donated_cache_in_place(llama):
     assert not copies, copies[:3]
 
 
+def test_decode_attention_per_query_group_equals_the_batched_contraction():
+    """The T = 1 path of the cache attention (one matrix-vector product per query group)."""
+    from mrs.archs.layers import _cache_mix, _cache_scores
+
+    rng = np.random.default_rng(0)
+    B, K, G, S, H = 2, 3, 4, 16, 8
+    q = jax.numpy.asarray(rng.standard_normal((B, 1, K, G, H)), jax.numpy.float32)
+    keys = jax.numpy.asarray(rng.standard_normal((B, K, S, H)), jax.numpy.float32)
+    probs = jax.numpy.asarray(rng.random((B, K, G, 1, S)), jax.numpy.float32)
+    values = jax.numpy.asarray(rng.standard_normal((B, K, H, S)), jax.numpy.float32)
+    np.testing.assert_allclose(_cache_scores(q, keys), np.einsum("BTKGH,BKSH->BKGTS", q, keys), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_cache_mix(probs, values), np.einsum("BKGTS,BKHS->BTKGH", probs, values),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_eos_ids_come_from_generation_config_list(llama, fixture_path):
     import json
 
