@@ -17,7 +17,9 @@ presence/frequency penalties after the repetition penalty):
 4. temperature (greedy rows use 1), then top-k, top-p, min-p as HF's warpers
    (ties at a cut are all kept; at least the most likely token always survives);
 5. greedy rows (temperature 0) take the argmax, the others draw from
-   ``softmax(processed)`` with the key ``fold_in(key_row, step_row)``.
+   ``softmax(processed)`` with the key ``fold_in(key_row, step_row)`` (among the
+   ``CANDIDATES`` largest logits when the row's support lies there, which needs a
+   fraction of the random numbers of a draw over the vocabulary).
 
 Returned log-probabilities are ``log_softmax`` of the processed logits of step 4, the
 distribution actually sampled from (for greedy rows: at temperature 1, filtered).
@@ -151,15 +153,29 @@ def seed_key_data(seed: int | None) -> np.ndarray:
     return np.array([s >> 32, s & 0xFFFFFFFF], dtype=np.uint32)
 
 
+class Filtered(NamedTuple):
+    """The processed logits of a batch and the candidates they were filtered among."""
+
+    logits: jax.Array      # [B, V] float32, -inf outside the support
+    top_ids: jax.Array     # [B, C] ids of the C largest logits before filtering
+    within: jax.Array      # [B] bool: the row's whole support is among its top_ids
+
+
 def process_logits(logits: jax.Array, params: SamplingParams, history: jax.Array,
                    logit_bias: jax.Array | None = None, allowed: jax.Array | None = None) -> jax.Array:
     """[B, V] logits -> the [B, V] float32 logits sampled from (-inf outside the support)."""
+    return _process(logits, params, history, logit_bias, allowed).logits
+
+
+def _process(logits: jax.Array, params: SamplingParams, history: jax.Array,
+             logit_bias: jax.Array | None, allowed: jax.Array | None) -> Filtered:
     x = logits.astype(jnp.float32)
     if allowed is not None:
         x = jnp.where(allowed, x, -jnp.inf)
     if logit_bias is not None:
         x = x + logit_bias.astype(jnp.float32)
-    x = _penalize(x, params, history)
+    penalized = (params.repeat_penalty != 1) | (params.presence_penalty != 0) | (params.frequency_penalty != 0)
+    x = jax.lax.cond(jnp.any(penalized), lambda x: _penalize(x, params, history), lambda x: x, x)
     t = jnp.where(params.temperature == 0, 1.0, jnp.maximum(params.temperature,
                                                              _MIN_TEMPERATURE))
     return _filter(x / t[:, None], params)
@@ -179,19 +195,30 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
     """
     if not 0 <= num_top <= MAX_NUM_TOP:
         raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
-    z = process_logits(logits, params, history, logit_bias, allowed)  # [B, V]
+    z, top_ids, within = _process(logits, params, history, logit_bias, allowed)  # [B, V], [B, C], [B]
     greedy = jnp.argmax(z, axis=-1)
 
     def draw(z):
         keys = jax.vmap(_draw_key)(params.key, jnp.asarray(step, jnp.int32))
-        return jnp.where(params.temperature == 0, greedy, jax.vmap(jax.random.categorical)(keys, z))
+        # A row whose support lies among its candidates draws among those C logits, not
+        # V: the same distribution for a C-th of the random numbers. Which of the two a
+        # row takes depends on that row alone, so its stream does not depend on its batch.
+        pick = jax.vmap(jax.random.categorical)(keys, jnp.take_along_axis(z, top_ids, axis=-1))
+        among_candidates = jnp.take_along_axis(top_ids, pick[:, None], axis=-1)[:, 0]
+        sampling = params.temperature > 0
+        whole_vocab = jax.lax.cond(jnp.any(sampling & ~within),
+                                   lambda z: jax.vmap(jax.random.categorical)(keys, z).astype(top_ids.dtype),
+                                   lambda z: among_candidates, z)
+        return jnp.where(sampling, jnp.where(within, among_candidates, whole_vocab), greedy)
 
-    # A draw costs a random number per vocabulary entry per row; skip it when no row samples.
-    tokens = jax.lax.cond(jnp.all(params.temperature == 0), lambda z: greedy, draw, z).astype(jnp.int32)
-    logp = jax.nn.log_softmax(z, axis=-1)
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    # A draw costs random numbers per row; skip it when no row samples.
+    tokens = jax.lax.cond(jnp.all(params.temperature == 0), lambda z: greedy.astype(top_ids.dtype), draw,
+                          z).astype(jnp.int32)
+    normalizer = jax.nn.logsumexp(z, axis=-1)                                # [B]
+    chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0] - normalizer
     if num_top:
-        top_lp, top_ids = jax.lax.top_k(logp, num_top)
+        top_z, top_ids = jax.lax.top_k(z, num_top)
+        top_lp = top_z - normalizer[:, None]
     else:
         top_lp = jnp.zeros((z.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((z.shape[0], 0), jnp.int32)
@@ -218,41 +245,66 @@ def _penalize(x: jax.Array, params: SamplingParams, history: jax.Array) -> jax.A
             - params.presence_penalty[:, None] * seen)
 
 
-def _filter(x: jax.Array, params: SamplingParams) -> jax.Array:
+def _filter(x: jax.Array, params: SamplingParams) -> Filtered:
     """HF's TopK, TopP, MinP warpers (min_tokens_to_keep=1).
 
-    Top-p needs the kept logits in order. When every row that uses top-p also has a
-    top-k of at most `CANDIDATES`, ``lax.top_k`` gives that order ~100x faster than
-    sorting the whole vocabulary (the common case: Ollama's default top_k is 40);
-    otherwise one full sort serves the batch. Both orders give the same result.
+    Top-k and top-p need the largest logits in order. The C = ``CANDIDATES`` largest
+    (``lax.top_k``, ~100x cheaper than sorting the vocabulary) decide a row when its
+    top-k keeps at most C tokens (Ollama's default top_k is 40), or when top-k is off
+    and its nucleus closes above the smallest candidate (the usual case for a trained
+    model with top_p < 1; OpenAI clients send top_p without top_k). Any other row that
+    filters (a top-k above C, a nucleus wider than the candidates) makes the batch sort
+    its whole vocabulary. Both orders give the same result.
     """
-    V = x.shape[-1]
-    K = min(CANDIDATES, V)
-    full_sort = jnp.any(((params.top_k <= 0) | (params.top_k > K)) & (params.top_p < 1))
-    return jax.lax.cond(full_sort,
-                        lambda x: _filter_with(x, params, jnp.sort(x, axis=-1)),
-                        lambda x: _filter_with(x, params, jax.lax.top_k(x, K)[0][:, ::-1]),
-                        x)
+    B, V = x.shape
+    C = min(CANDIDATES, V)
+    top, top_ids = jax.lax.top_k(x, C)                                        # [B, C] descending
+    asc = top[:, ::-1]
+    top_k_on = (params.top_k > 0) & (params.top_k < V)
+    open_nucleus = ~top_k_on & (params.top_p < 1)   # a nucleus over the whole vocabulary
+
+    def outside_mass(x):
+        """Probability outside the candidates, for the rows with an open nucleus."""
+        mass = jnp.exp(jax.nn.logsumexp(asc, axis=-1) - jax.nn.logsumexp(x, axis=-1))
+        return jnp.where(open_nucleus, jnp.maximum(1 - mass, 0.0), 0.0)
+
+    tail = jax.lax.cond(jnp.any(open_nucleus) & (C < V), outside_mass, lambda x: jnp.zeros((B,), x.dtype), x)
+    fast, smallest_cum = _filter_with(x, params, asc, tail)
+    if C == V:                       # the candidates are the whole vocabulary
+        return Filtered(fast, top_ids, jnp.ones((B,), bool))
+    decided_by_top_k = top_k_on & (params.top_k <= C)
+    decided_by_nucleus = open_nucleus & (smallest_cum <= 1 - params.top_p)
+    needs_sort = (top_k_on & ~decided_by_top_k) | (open_nucleus & ~decided_by_nucleus)
+    z = jax.lax.cond(jnp.any(needs_sort),
+                     lambda x: _filter_with(x, params, jnp.sort(x, axis=-1), jnp.zeros((B,), x.dtype))[0],
+                     lambda x: fast, x)
+    return Filtered(z, top_ids, decided_by_top_k | decided_by_nucleus)
 
 
-def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array) -> jax.Array:
-    """Filter x [B, V] given ``asc`` [B, C]: its C largest logits, ascending (C <= V)."""
+def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array,
+                 tail: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Filter x [B, V] given ``asc`` [B, C]: its C largest logits, ascending (C <= V), and
+    ``tail`` [B]: the probability mass outside them (0 when top-k keeps at most C tokens).
+
+    Returns the filtered logits and [B] the nucleus' cumulative mass at the smallest
+    candidate (that candidate and everything below it are dropped when it is <= 1 - top_p).
+    """
     ninf = jnp.float32(-jnp.inf)
     C = asc.shape[-1]
+    top_k_on = (params.top_k > 0) & (params.top_k < x.shape[-1])
     k = jnp.minimum(params.top_k, C)
     kth = jnp.take_along_axis(asc, jnp.maximum(C - k, 0)[:, None], axis=-1)  # k-th largest, [B, 1]
-    kth = jnp.where((params.top_k > 0)[:, None], kth, ninf)
+    kth = jnp.where(top_k_on[:, None], kth, ninf)
     x, asc = jnp.where(x >= kth, x, ninf), jnp.where(asc >= kth, asc, ninf)
     # Top-p: drop the low tail whose cumulative mass is <= 1 - top_p; keep the top token.
-    # Tokens outside `asc` are already -inf here whenever top-p is on, so softmax over
-    # `asc` is softmax over the vocabulary.
-    cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+    # Ascending, the cumulative mass starts with everything outside the candidates.
+    cum = tail[:, None] + jnp.cumsum(jax.nn.softmax(asc, axis=-1) * (1 - tail)[:, None], axis=-1)
     drop = (cum <= (1 - params.top_p)[:, None]) & (jnp.arange(C) < C - 1)
     cut = jnp.take_along_axis(asc, jnp.argmin(drop, axis=-1)[:, None], axis=-1)
     x = jnp.where((x >= cut) | (params.top_p >= 1)[:, None], x, ninf)
-    probs = jax.nn.softmax(x, axis=-1)
-    keep = probs >= params.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
-    return jnp.where(keep, x, ninf)
+    # Min-p: p >= min_p * p_max, i.e. x - x_max >= log(min_p), with no softmax over V.
+    keep = x - jnp.max(x, axis=-1, keepdims=True) >= jnp.log(params.min_p)[:, None]
+    return jnp.where(keep, x, ninf), cum[:, 0]
 
 
 def _draw_key(key_data: jax.Array, step: jax.Array) -> jax.Array:

@@ -75,17 +75,17 @@ def field(params: SamplingParams, name: str) -> np.ndarray:
     return np.asarray(getattr(params, name))
 
 
-def window_counts(params: SamplingParams, history: np.ndarray, r: int) -> np.ndarray:
+def window_counts(params: SamplingParams, history: np.ndarray, r: int, vocab: int = V) -> np.ndarray:
     n = int(field(params, "repeat_last_n")[r])
     window = history[r, W - (W if n < 0 else min(n, W)):]
-    return np.bincount(window[window >= 0], minlength=V).astype(np.float32)
+    return np.bincount(window[window >= 0], minlength=vocab).astype(np.float32)
 
 
 def penalized_ref(logits: np.ndarray, params: SamplingParams, history: np.ndarray):
     """Repetition (HF formula), then presence/frequency (OpenAI formula), in float32."""
     out = logits.astype(np.float32).copy()
     for r in range(len(out)):
-        c = window_counts(params, history, r)
+        c = window_counts(params, history, r, out.shape[1])
         p = field(params, "repeat_penalty")[r]
         x = np.where(c > 0, np.where(out[r] < 0, out[r] * p, out[r] / p), out[r])
         out[r] = (x - field(params, "frequency_penalty")[r] * c
@@ -286,32 +286,55 @@ def chi2_sf(stat: float, df: int) -> float:
     return prefix * h
 
 
+def assert_draws_follow_the_filtered_distribution(configs: list[dict], logits: np.ndarray, history: np.ndarray,
+                                                  n: int = 20000) -> None:
+    """Draw n tokens per config (one row per config) and chi-square them against the
+    float64 definition of the filtered, renormalised distribution."""
+    vocab = logits.shape[1]
+    one = make_batch(configs)
+    y = tempered_ref(logits, one, history)
+    k = len(configs)
+    params = jax.tree.map(lambda a: np.tile(a, (n,) + (1,) * (a.ndim - 1)), one)  # c0, c1, ..
+    tokens = run(np.tile(logits, (n, 1)), params, np.tile(history, (n, 1)), np.repeat(np.arange(n), k))[0]
+    for c, cfg in enumerate(configs):
+        expected = n * filtered_probs_ref(y[c], cfg["top_k"], cfg["top_p"], cfg.get("min_p", 0.0))
+        counts = np.bincount(tokens[c::k], minlength=vocab)
+        support = expected > 0
+        assert counts[~support].sum() == 0 and expected[support].min() >= 5
+        stat = (((counts - expected) ** 2)[support] / expected[support]).sum()
+        assert chi2_sf(stat, int(support.sum()) - 1) > 1e-6
+        unfiltered = n * softmax(y[c].astype(np.float64))  # the test can tell them apart
+        assert chi2_sf((((counts - unfiltered) ** 2) / unfiltered).sum(), vocab - 1) < 1e-6
+
+
 def test_empirical_frequencies_match_the_filtered_renormalised_distribution():
     for x in (0.5, 3.0, 40.0, 3000.0):  # closed forms for df = 2 and 4
         assert math.isclose(chi2_sf(x, 2), math.exp(-x / 2), rel_tol=1e-9)
         assert math.isclose(chi2_sf(x, 4), math.exp(-x / 2) * (1 + x / 2), rel_tol=1e-9)
-    n = 20000
     configs = [
         {"temperature": 0.7, "top_k": 12, "top_p": 1.0, "seed": 7},
         {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.05, "repeat_penalty": 1.3,
          "presence_penalty": 0.5, "frequency_penalty": 0.3, "repeat_last_n": 8, "seed": 8},
     ]
     logits, history = make_inputs(0, 2.0, 1)
-    one = make_batch(configs)
-    y = tempered_ref(np.repeat(logits, 2, axis=0), one, np.repeat(history, 2, axis=0))
-    params = jax.tree.map(lambda a: np.tile(a, (n,) + (1,) * (a.ndim - 1)), one)  # c0, c1, ..
-    tokens = run(np.repeat(logits, 2 * n, axis=0), params, np.repeat(history, 2 * n, axis=0),
-                 np.repeat(np.arange(n), 2))[0]
-    for c, cfg in enumerate(configs):
-        expected = n * filtered_probs_ref(y[c], cfg["top_k"], cfg["top_p"],
-                                          cfg.get("min_p", 0.0))
-        counts = np.bincount(tokens[c::2], minlength=V)
-        support = expected > 0
-        assert counts[~support].sum() == 0 and expected[support].min() >= 5
-        stat = (((counts - expected) ** 2)[support] / expected[support]).sum()
-        assert chi2_sf(stat, int(support.sum()) - 1) > 1e-6
-        unfiltered = n * softmax(y[c].astype(np.float64))  # the test can tell them apart
-        assert chi2_sf((((counts - unfiltered) ** 2) / unfiltered).sum(), V - 1) < 1e-6
+    assert_draws_follow_the_filtered_distribution(configs, np.repeat(logits, 2, axis=0),
+                                                  np.repeat(history, 2, axis=0))
+
+
+def test_draws_over_a_vocabulary_wider_than_the_candidates_follow_the_distribution():
+    """Rows whose support lies among the candidates draw among them; the others (a
+    min-p-only row, a top-k above the candidates) draw over the whole vocabulary."""
+    from mrs.sampling import CANDIDATES
+
+    vocab = 4 * CANDIDATES
+    normal = np.random.default_rng(5).standard_normal(vocab)
+    configs = [
+        {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "seed": 1},                   # nucleus among candidates
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "seed": 2},     # whole vocabulary
+        {"temperature": 1.0, "top_k": CANDIDATES + 20, "top_p": 1.0, "min_p": 0.02, "seed": 3},  # sorted
+    ]
+    logits = np.stack([normal * 3, normal * 2, normal * 1.5]).astype(np.float32)
+    assert_draws_follow_the_filtered_distribution(configs, logits, np.full((3, W), -1, np.int32))
 
 
 @contextlib.contextmanager
@@ -446,14 +469,59 @@ def test_out_of_range_or_mistyped_parameters_raise_an_error_naming_them(name, va
     assert error.value.name == name and name in str(error.value) and valid in str(error.value)
 
 
-def test_top_k_candidate_filtering_equals_the_full_sort():
+def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
+    """The C largest logits decide top-k <= C and nuclei that close among them; wider
+    filters sort the vocabulary. Either way, the support is the definitions' (float64)."""
     from mrs.sampling import CANDIDATES, _filter, _filter_with
 
     vocab = 1000
-    logits = jax.random.normal(jax.random.PRNGKey(3), (5, vocab)) * 3
-    rows = [SamplingParams.make(top_k=k, top_p=p, min_p=m, seed=0)
-            for k, p, m in [(40, 0.9, 0.0), (1, 0.5, 0.0), (CANDIDATES, 0.95, 0.05), (0, 1.0, 0.1), (7, 1.0, 0.0)]]
-    params = SamplingParams.stack(rows)
-    fast = _filter(logits, params)            # every top-p row has top_k <= CANDIDATES: no sort
-    full = _filter_with(logits, params, jnp.sort(logits, axis=-1))
-    np.testing.assert_array_equal(np.asarray(fast), np.asarray(full))
+    normal = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (vocab,)))
+
+    def check(cases, expect_within):
+        logits = jnp.asarray(np.stack([normal * scale for *_, scale in cases]), jnp.float32)
+        params = SamplingParams.stack([SamplingParams.make(top_k=k, top_p=p, min_p=m, seed=0)
+                                       for k, p, m, _ in cases])
+        z, top_ids, within = (np.asarray(a) for a in _filter(logits, params))
+        by_sort, _ = _filter_with(logits, params, jnp.sort(logits, axis=-1), jnp.zeros((len(cases),)))
+        np.testing.assert_array_equal(np.isfinite(z), np.isfinite(np.asarray(by_sort)))
+        for r, (k, p, m, _) in enumerate(cases):
+            support = filtered_probs_ref(np.asarray(logits[r]), k, p, m) > 0
+            np.testing.assert_array_equal(np.isfinite(z[r]), support, err_msg=f"row {r}: {cases[r]}")
+            if within[r]:
+                assert set(np.flatnonzero(support)) <= set(top_ids[r])
+        np.testing.assert_array_equal(within, expect_within)
+
+    # (top_k, top_p, min_p, logit scale): at scale 12 most mass is on a few dozen tokens.
+    # Decided by the candidates: no sort.
+    check([(40, 0.9, 0.0, 3), (1, 0.5, 0.0, 3), (CANDIDATES, 0.95, 0.05, 3), (0, 1.0, 0.1, 3),
+           (7, 1.0, 0.0, 3), (0, 0.9, 0.0, 12), (vocab + 5, 0.8, 0.0, 12)],
+          [True, True, True, False, True, True, True])
+    # A top-k above C, and a nucleus wider than the candidates, need the sort.
+    check([(CANDIDATES + 36, 1.0, 0.0, 3), (40, 0.9, 0.0, 3)], [False, True])
+    check([(0, 0.9, 0.0, 1), (0, 0.9, 0.0, 12)], [False, True])
+
+@SETTINGS
+@given(st.lists(st.fixed_dictionaries({
+    "top_k": st.one_of(st.just(0), st.integers(1, 4 * V + 10)),
+    "top_p": st.one_of(st.just(1.0), st.floats(0.05, 1.0)),
+    "min_p": st.one_of(st.just(0.0), st.floats(1e-3, 0.5)),
+    "scale": st.sampled_from([0.5, 3.0, 12.0]),
+}), min_size=B, max_size=B), st.integers(0, 2**32 - 1))
+def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_support(rows, seed):
+    from mrs.sampling import CANDIDATES, _filter
+
+    vocab = 4 * CANDIDATES
+    normal = np.random.default_rng(seed).standard_normal((B, vocab))
+    logits = (normal * np.array([r["scale"] for r in rows])[:, None]).astype(np.float32)
+    params = make_batch([{"top_k": r["top_k"], "top_p": r["top_p"], "min_p": r["min_p"]} for r in rows])
+    z = np.asarray(_filter(jnp.asarray(logits), params).logits)
+    for r, row in enumerate(rows):
+        y = logits[r].astype(np.float64)
+        kept = y if not 0 < row["top_k"] < vocab else np.where(y >= np.sort(y)[::-1][row["top_k"] - 1], y, -np.inf)
+        p = softmax(kept)
+        above = np.array([p[p > pi].sum() for pi in p])
+        assume(row["top_p"] == 1 or np.abs(above - row["top_p"]).min() > 1e-5)
+        nucleus = filtered_probs_ref(y, row["top_k"], row["top_p"], 0.0)
+        assume(row["min_p"] == 0 or (np.abs(nucleus[nucleus > 0] / nucleus.max() - row["min_p"]) > 1e-4).all())
+        support = filtered_probs_ref(y, row["top_k"], row["top_p"], row["min_p"])
+        np.testing.assert_array_equal(np.isfinite(z[r]), support > 0)
