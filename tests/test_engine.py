@@ -78,10 +78,10 @@ def test_decode_attention_per_query_group_equals_the_batched_contraction():
     B, K, G, S, H = 2, 3, 4, 16, 8
     q = jax.numpy.asarray(rng.standard_normal((B, 1, K, G, H)), jax.numpy.float32)
     keys = jax.numpy.asarray(rng.standard_normal((B, K, S, H)), jax.numpy.float32)
-    probs = jax.numpy.asarray(rng.random((B, K, G, 1, S)), jax.numpy.float32)
+    probs = jax.numpy.asarray(rng.random((B, K, 1, G, S)), jax.numpy.float32)
     values = jax.numpy.asarray(rng.standard_normal((B, K, H, S)), jax.numpy.float32)
-    np.testing.assert_allclose(_cache_scores(q, keys), np.einsum("BTKGH,BKSH->BKGTS", q, keys), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_cache_mix(probs, values), np.einsum("BKGTS,BKHS->BTKGH", probs, values),
+    np.testing.assert_allclose(_cache_scores(q, keys), np.einsum("BTKGH,BKSH->BKTGS", q, keys), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_cache_mix(probs, values), np.einsum("BKTGS,BKHS->BKTGH", probs, values),
                                rtol=1e-5, atol=1e-5)
 
 
