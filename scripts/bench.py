@@ -32,7 +32,10 @@ every weight once (the input embedding only as a gather, unless tied as the outp
 head): ``batch * copy_bandwidth / weight_bytes`` tokens/s, with copy bandwidth
 measured in this run as the best of a numpy copy (one and all threads) and a jitted
 jax copy on the default device (bytes read + written, as STREAM counts them). The
-KV-cache reads are left out of the bound and reported beside it.
+KV-cache reads are left out of the bound and reported beside it. A decode step only
+reads its weights, so the report also gives each framework's weight stream as a share
+of the measured read bandwidth (a jitted jax sum and a threaded numpy sum), the ceiling
+a step can actually reach; on CPUs it is well below the copy figure.
 
 Runs without mrs pip-installed (the repo root goes on sys.path) and without torch
 (transformers is skipped with a note).
@@ -151,6 +154,29 @@ def copy_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
 
     out["jax_gbps"] = 8 * 2 * nbytes / _best_seconds(jax_copy, repeats) / 1e9
     out["gbps"] = max(v for k, v in out.items() if k.endswith("_gbps"))
+    return out
+
+
+def read_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
+    """GB/s of reading a large array without writing one (a sum), jax and numpy on all
+    threads: a decode step streams its weights this way, so this is its real ceiling
+    (the copy bound above counts written bytes too)."""
+    out: dict[str, Any] = {"array_bytes": nbytes}
+    total = jax.jit(jnp.sum)
+    data = jnp.ones((nbytes // 4,), jnp.float32)
+
+    def jax_read():
+        for _ in range(8):
+            result = total(data)
+        result.block_until_ready()
+
+    out["jax"] = 8 * nbytes / _best_seconds(jax_read, repeats) / 1e9
+    del data
+    if jax.default_backend() == "cpu":
+        parts = np.array_split(np.ones(nbytes // 4, np.float32), cpu_count())
+        with ThreadPoolExecutor(len(parts)) as pool:  # numpy's sum releases the GIL
+            out["numpy_threads"] = nbytes / _best_seconds(lambda: list(pool.map(np.sum, parts)), repeats) / 1e9
+    out["gbps"] = max(v for k, v in out.items() if k != "array_bytes")
     return out
 
 
@@ -498,6 +524,7 @@ def summarize(report: dict) -> list[dict]:
     ours, theirs = report["mrs"], report.get("transformers")
     read = ours["weight_bytes_per_step"]
     gbps = report["bandwidth"]["gbps"]
+    reads = report["read_bandwidth"]["gbps"]
     for batch, m in ours["by_batch"].items():
         h = theirs["by_batch"][batch] if theirs else None
         bound = int(batch) * gbps * 1e9 / read
@@ -506,12 +533,14 @@ def summarize(report: dict) -> list[dict]:
             "mrs_prefill_tok_s": m["prefill_tok_s"], "mrs_decode_tok_s": m["decode_tok_s"],
             "mrs_raw_decode_tok_s": m["raw_decode_tok_s"], "mrs_pct_bound": 100 * m["decode_tok_s"] / bound,
             "mrs_raw_pct_bound": 100 * m["raw_decode_tok_s"] / bound,
+            "mrs_pct_read": 100 * m["decode_tok_s"] * read / (int(batch) * reads * 1e9),
             "kv_bytes_per_step": m["kv_bytes_per_step"],
         }
         if h:
             row.update({
                 "hf_prefill_tok_s": h["prefill_tok_s"], "hf_decode_tok_s": h["decode_tok_s"],
                 "hf_pct_bound": 100 * h["decode_tok_s"] / bound,
+                "hf_pct_read": 100 * h["decode_tok_s"] * read / (int(batch) * reads * 1e9),
                 "prefill_ratio": m["prefill_tok_s"] / h["prefill_tok_s"],
                 "decode_ratio": m["decode_tok_s"] / h["decode_tok_s"],
                 "greedy_agree_tokens": agree_prefix(m["tokens_row0"], h["tokens_row0"]),
@@ -537,6 +566,9 @@ def print_table(report: dict) -> None:
     parts = ", ".join(f"{k.removesuffix('_gbps')} {v:.1f}" for k, v in bw.items()
                       if k.endswith("_gbps") and k != "gbps")
     out.print(f"[bold]copy bandwidth[/] {bw['gbps']:.1f} GB/s (best of {parts})")
+    reads = report["read_bandwidth"]
+    out.print(f"[bold]read bandwidth[/] {reads['gbps']:.1f} GB/s (best of "
+              + ", ".join(f"{k} {v:.1f}" for k, v in reads.items() if k not in ("gbps", "array_bytes")) + ")")
     load = f"mrs {report['mrs']['load_seconds']:.2f}s (on device {report['mrs']['load_wall_seconds']:.2f}s)"
     if theirs:
         load += f", transformers {theirs['load_seconds']:.2f}s (torch {theirs['torch']}, {theirs['threads']} threads)"
@@ -558,6 +590,10 @@ def print_table(report: dict) -> None:
             _f(r.get("hf_pct_bound")) + ("%" if "hf_pct_bound" in r else ""),
             _f(r["mrs_raw_decode_tok_s"]), _f(r["mrs_raw_pct_bound"]) + "%")
     out.print(table)
+    for r in report["summary"]:
+        hf = f", transformers {r['hf_pct_read']:.0f}%" if "hf_pct_read" in r else ""
+        out.print(f"batch {r['batch']}: decode streams the weights at {r['mrs_pct_read']:.0f}% of the read "
+                  f"bandwidth (mrs){hf}")
     busiest = max([*mach.get("loadavg", [0])[:1], *mach.get("loadavg_end", [0])[:1]])
     if busiest > 0.5 * mach["cores"]:
         out.print(f"[yellow]warning: load average reached {busiest} on {mach['cores']} cores: other processes "
@@ -612,6 +648,7 @@ def main(argv=None) -> None:
                           "decode_tokens_counted": args.new_tokens - 1}
     console.log("measuring copy bandwidth")
     report["bandwidth"] = copy_bandwidth()
+    report["read_bandwidth"] = read_bandwidth()
     vocab = int(config["vocab_size"])
     prompts = np.random.default_rng(args.seed).integers(3, vocab, (max(batches), args.prompt_len), dtype=np.int32)
     skipped = "--no-transformers" if args.no_transformers else transformers_unavailable()

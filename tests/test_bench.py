@@ -1,0 +1,49 @@
+"""scripts/bench.py end to end on a fixture: both frameworks, the ratios and the bounds."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec = importlib.util.spec_from_file_location("bench", SCRIPTS / "bench.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_bench_times_mrs_and_transformers_on_the_same_weights(bench, fixture_path, tmp_path, monkeypatch, capsys):
+    # Bandwidth on 4 MiB instead of 1 GiB: the test checks the report, not the machine.
+    monkeypatch.setattr(bench, "copy_bandwidth", functools.partial(bench.copy_bandwidth, nbytes=2**22))
+    monkeypatch.setattr(bench, "read_bandwidth", functools.partial(bench.read_bandwidth, nbytes=2**22))
+    out = tmp_path / "report.json"
+    bench.main(["--model", str(fixture_path("llama")), "--batch", "1", "2", "--prompt-len", "8",
+                "--new-tokens", "6", "--repeats", "2", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["read_bandwidth"]["gbps"] > 0 and report["bandwidth"]["gbps"] > 0
+    for batch in ("1", "2"):
+        ours = report["mrs"]["by_batch"][batch]
+        assert ours["compilations"]["timed"] == 0            # no timed run paid for compiling
+        assert len(ours["decode_seconds"]) == 2 and len(report["transformers"]["by_batch"][batch]["decode_seconds"]) == 2
+    rows = {r["batch"]: r for r in report["summary"]}
+    assert set(rows) == {1, 2}
+    for row in rows.values():
+        assert row["mrs_decode_tok_s"] > 0 and row["hf_decode_tok_s"] > 0
+        assert row["decode_ratio"] == pytest.approx(row["mrs_decode_tok_s"] / row["hf_decode_tok_s"])
+        assert row["mrs_pct_read"] > 0 and row["hf_pct_read"] > 0
+        assert row["greedy_agree_tokens"] == 6               # same weights, same greedy tokens
+    printed = capsys.readouterr().out
+    assert "read bandwidth" in printed and "decode streams the weights" in printed
