@@ -196,7 +196,8 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
     if not 0 <= num_top <= MAX_NUM_TOP:
         raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
     z, top_ids, within = _process(logits, params, history, logit_bias, allowed)  # [B, V], [B, C], [B]
-    greedy = jnp.argmax(z, axis=-1)
+    top_ids = top_ids.astype(jnp.int32)
+    greedy = jnp.argmax(z, axis=-1).astype(jnp.int32)
 
     def draw(z):
         keys = jax.vmap(_draw_key)(params.key, jnp.asarray(step, jnp.int32))
@@ -207,13 +208,12 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
         among_candidates = jnp.take_along_axis(top_ids, pick[:, None], axis=-1)[:, 0]
         sampling = params.temperature > 0
         whole_vocab = jax.lax.cond(jnp.any(sampling & ~within),
-                                   lambda z: jax.vmap(jax.random.categorical)(keys, z).astype(top_ids.dtype),
+                                   lambda z: jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32),
                                    lambda z: among_candidates, z)
         return jnp.where(sampling, jnp.where(within, among_candidates, whole_vocab), greedy)
 
     # A draw costs random numbers per row; skip it when no row samples.
-    tokens = jax.lax.cond(jnp.all(params.temperature == 0), lambda z: greedy.astype(top_ids.dtype), draw,
-                          z).astype(jnp.int32)
+    tokens = jax.lax.cond(jnp.all(params.temperature == 0), lambda z: greedy, draw, z)
     normalizer = jax.nn.logsumexp(z, axis=-1)                                # [B]
     chosen = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0] - normalizer
     if num_top:
@@ -253,8 +253,9 @@ def _filter(x: jax.Array, params: SamplingParams) -> Filtered:
     top-k keeps at most C tokens (Ollama's default top_k is 40), or when top-k is off
     and its nucleus closes above the smallest candidate (the usual case for a trained
     model with top_p < 1; OpenAI clients send top_p without top_k). Any other row that
-    filters (a top-k above C, a nucleus wider than the candidates) makes the batch sort
-    its whole vocabulary. Both orders give the same result.
+    filters (a top-k above C, a nucleus wider than the candidates, a top-k + top-p cut
+    tied beyond the candidates) is filtered over its sorted vocabulary. Both orders
+    give the same result; a row keeps its own order whatever its batch.
     """
     B, V = x.shape
     C = min(CANDIDATES, V)
@@ -272,13 +273,24 @@ def _filter(x: jax.Array, params: SamplingParams) -> Filtered:
     fast, smallest_cum = _filter_with(x, params, asc, tail)
     if C == V:                       # the candidates are the whole vocabulary
         return Filtered(fast, top_ids, jnp.ones((B,), bool))
-    decided_by_top_k = top_k_on & (params.top_k <= C)
+    # A top-k cut keeps every token tied with the k-th largest, some maybe beyond the
+    # candidates (bf16 logits tie often); a nucleus after it must count their mass: sort then.
+    kth = jnp.take_along_axis(asc, jnp.clip(C - params.top_k, 0, C - 1)[:, None], axis=-1)   # [B, 1]
+    past_candidates = jnp.sum(x >= kth, axis=-1) > C
+    decided_by_top_k = top_k_on & (params.top_k <= C) & ((params.top_p >= 1) | ~past_candidates)
     decided_by_nucleus = open_nucleus & (smallest_cum <= 1 - params.top_p)
     needs_sort = (top_k_on & ~decided_by_top_k) | (open_nucleus & ~decided_by_nucleus)
+    # Rows the candidates decided keep that result when another row sorts: a row's
+    # filter must not depend on its batch, and the two orders can round apart at a cut.
     z = jax.lax.cond(jnp.any(needs_sort),
-                     lambda x: _filter_with(x, params, jnp.sort(x, axis=-1), jnp.zeros((B,), x.dtype))[0],
+                     lambda x: jnp.where(needs_sort[:, None], _filter_with(
+                         x, params, jnp.sort(x, axis=-1), jnp.zeros((B,), x.dtype))[0], fast),
                      lambda x: fast, x)
-    return Filtered(z, top_ids, decided_by_top_k | decided_by_nucleus)
+    # Ties at a cut are all kept, so a support can reach past the candidates even when
+    # they decided the cut: count rather than infer.
+    within = jnp.sum(jnp.isfinite(z), axis=-1) == jnp.sum(jnp.isfinite(jnp.take_along_axis(z, top_ids, axis=-1)),
+                                                          axis=-1)
+    return Filtered(z, top_ids, within)
 
 
 def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array,

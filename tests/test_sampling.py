@@ -287,9 +287,10 @@ def chi2_sf(stat: float, df: int) -> float:
 
 
 def assert_draws_follow_the_filtered_distribution(configs: list[dict], logits: np.ndarray, history: np.ndarray,
-                                                  n: int = 20000) -> None:
+                                                  n: int = 20000, filters: bool = True) -> None:
     """Draw n tokens per config (one row per config) and chi-square them against the
-    float64 definition of the filtered, renormalised distribution."""
+    float64 definition of the filtered, renormalised distribution (and, when the
+    configs ``filters`` anything, tell it apart from the unfiltered one)."""
     vocab = logits.shape[1]
     one = make_batch(configs)
     y = tempered_ref(logits, one, history)
@@ -303,8 +304,9 @@ def assert_draws_follow_the_filtered_distribution(configs: list[dict], logits: n
         assert counts[~support].sum() == 0 and expected[support].min() >= 5
         stat = (((counts - expected) ** 2)[support] / expected[support]).sum()
         assert chi2_sf(stat, int(support.sum()) - 1) > 1e-6
-        unfiltered = n * softmax(y[c].astype(np.float64))  # the test can tell them apart
-        assert chi2_sf((((counts - unfiltered) ** 2) / unfiltered).sum(), vocab - 1) < 1e-6
+        if filters:
+            unfiltered = n * softmax(y[c].astype(np.float64))  # the test can tell them apart
+            assert chi2_sf((((counts - unfiltered) ** 2) / unfiltered).sum(), vocab - 1) < 1e-6
 
 
 def test_empirical_frequencies_match_the_filtered_renormalised_distribution():
@@ -487,15 +489,14 @@ def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
         for r, (k, p, m, _) in enumerate(cases):
             support = filtered_probs_ref(np.asarray(logits[r]), k, p, m) > 0
             np.testing.assert_array_equal(np.isfinite(z[r]), support, err_msg=f"row {r}: {cases[r]}")
-            if within[r]:
-                assert set(np.flatnonzero(support)) <= set(top_ids[r])
+            assert within[r] == (set(np.flatnonzero(support)) <= set(top_ids[r]))
         np.testing.assert_array_equal(within, expect_within)
 
     # (top_k, top_p, min_p, logit scale): at scale 12 most mass is on a few dozen tokens.
     # Decided by the candidates: no sort.
     check([(40, 0.9, 0.0, 3), (1, 0.5, 0.0, 3), (CANDIDATES, 0.95, 0.05, 3), (0, 1.0, 0.1, 3),
            (7, 1.0, 0.0, 3), (0, 0.9, 0.0, 12), (vocab + 5, 0.8, 0.0, 12)],
-          [True, True, True, False, True, True, True])
+          [True, True, True, True, True, True, True])
     # A top-k above C, and a nucleus wider than the candidates, need the sort.
     check([(CANDIDATES + 36, 1.0, 0.0, 3), (40, 0.9, 0.0, 3)], [False, True])
     check([(0, 0.9, 0.0, 1), (0, 0.9, 0.0, 12)], [False, True])
@@ -525,3 +526,66 @@ def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_
         assume(row["min_p"] == 0 or (np.abs(nucleus[nucleus > 0] / nucleus.max() - row["min_p"]) > 1e-4).all())
         support = filtered_probs_ref(y, row["top_k"], row["top_p"], row["min_p"])
         np.testing.assert_array_equal(np.isfinite(z[r]), support > 0)
+
+
+def test_ties_at_a_cut_reach_past_the_candidates_and_are_drawn():
+    """A cut keeps every token tied with it (as HF's warpers do), also outside the
+    candidates; a nucleus then counts their mass, and the draw covers them."""
+    from mrs.sampling import CANDIDATES, _filter
+
+    vocab = 4 * CANDIDATES
+    tied = np.array([3.0] * 5 + [0.0] * (vocab - 5), np.float32)   # 5 likely tokens, then a tie
+    cases = [(40, 1.0), (40, 0.5), (0, 0.997), (0, 0.25)]         # (top_k, top_p)
+    params = SamplingParams.stack([SamplingParams.make(top_k=k, top_p=p, min_p=0.0) for k, p in cases])
+    z, top_ids, within = (np.asarray(a) for a in _filter(jnp.asarray(np.stack([tied] * len(cases))), params))
+    for r, (k, p) in enumerate(cases):
+        support = filtered_probs_ref(tied, k, p, 0.0) > 0
+        np.testing.assert_array_equal(np.isfinite(z[r]), support, err_msg=f"top_k={k}, top_p={p}")
+        assert within[r] == (set(np.flatnonzero(support)) <= set(top_ids[r]))
+    assert list(within) == [False, False, False, True]
+    assert_draws_follow_the_filtered_distribution([{"temperature": 1.0, "top_k": 40, "top_p": 1.0, "seed": 4}],
+                                                  tied[None], np.full((1, W), -1, np.int32), filters=False)
+
+
+def test_sampling_runs_with_64_bit_jax_types():
+    logits, history = make_inputs(0, 2.0)
+    params = make_batch([{"temperature": t, "seed": 1} for t in (0.0, 0.8, 1.5, 0.0)])
+    with jax.enable_x64(True):
+        tokens, logprobs, *_ = run(logits, params, history, np.zeros(B))
+    assert tokens.dtype == np.int32 and np.isfinite(logprobs).all()
+
+
+def test_a_rows_filter_does_not_depend_on_a_neighbour_that_sorts():
+    """A nucleus the candidates decide keeps that result when another row of the batch
+    needs the full sort, even with top_p right at a cut, where the two orders round apart."""
+    from mrs.sampling import CANDIDATES, _filter
+
+    vocab = 4 * CANDIDATES
+    rng = np.random.default_rng(11)
+    filter_jit = jax.jit(lambda x, params: _filter(x, params).logits)
+    sorter = SamplingParams.make(top_k=CANDIDATES + 20, top_p=0.9, min_p=0.0)   # needs the sort
+    for _ in range(40):
+        x = jnp.asarray(rng.standard_normal((1, vocab)) * 6, jnp.float32)
+        # 1 - top_p on a cumulative mass as the candidates' order computes it: right at a cut
+        asc = jnp.sort(x, axis=-1)[:, -CANDIDATES:]
+        tail = 1 - jnp.exp(jax.nn.logsumexp(asc) - jax.nn.logsumexp(x))
+        cum = np.asarray(tail + jnp.cumsum(jax.nn.softmax(asc, axis=-1) * (1 - tail), axis=-1))[0]
+        row = SamplingParams.make(top_k=0, top_p=float(np.float32(1) - np.float32(cum[CANDIDATES - 8])), min_p=0.0)
+        alone = np.asarray(filter_jit(x, row))
+        together = np.asarray(filter_jit(jnp.concatenate([x, x]), SamplingParams.stack([row, sorter])))
+        np.testing.assert_array_equal(alone[0], together[0])
+
+
+def test_a_step_sorts_the_vocabulary_only_in_the_branch_that_needs_it():
+    """XLA rewrites lax.top_k into a full sort when its k-th value is compared with the
+    logits it came from; then every step would pay for the sort the candidates avoid."""
+    from mrs.sampling import CANDIDATES
+
+    vocab = 16 * CANDIDATES
+    logits = np.zeros((B, vocab), np.float32)
+    params = make_batch([{"seed": 1}] * B)
+    hlo = sample_jit.lower(logits, params, np.full((B, W), -1, np.int32), np.zeros(B, np.int32),
+                           num_top=NUM_TOP).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    assert " sort(" not in entry, [line for line in entry.splitlines() if " sort(" in line][:2]
