@@ -195,8 +195,8 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
     """
     if not 0 <= num_top <= MAX_NUM_TOP:
         raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
-    z, top_ids, within = _process(logits, params, history, logit_bias, allowed)  # [B, V], [B, C], [B]
-    top_ids = top_ids.astype(jnp.int32)
+    z, candidates, within = _process(logits, params, history, logit_bias, allowed)  # [B, V], [B, C], [B]
+    candidates = candidates.astype(jnp.int32)
     greedy = jnp.argmax(z, axis=-1).astype(jnp.int32)
 
     def draw(z):
@@ -204,8 +204,8 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
         # A row whose support lies among its candidates draws among those C logits, not
         # V: the same distribution for a C-th of the random numbers. Which of the two a
         # row takes depends on that row alone, so its stream does not depend on its batch.
-        pick = jax.vmap(jax.random.categorical)(keys, jnp.take_along_axis(z, top_ids, axis=-1))
-        among_candidates = jnp.take_along_axis(top_ids, pick[:, None], axis=-1)[:, 0]
+        pick = jax.vmap(jax.random.categorical)(keys, jnp.take_along_axis(z, candidates, axis=-1))
+        among_candidates = jnp.take_along_axis(candidates, pick[:, None], axis=-1)[:, 0]
         sampling = params.temperature > 0
         whole_vocab = jax.lax.cond(jnp.any(sampling & ~within),
                                    lambda z: jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32),
@@ -270,22 +270,20 @@ def _filter(x: jax.Array, params: SamplingParams) -> Filtered:
         return jnp.where(open_nucleus, jnp.maximum(1 - mass, 0.0), 0.0)
 
     tail = jax.lax.cond(jnp.any(open_nucleus) & (C < V), outside_mass, lambda x: jnp.zeros((B,), x.dtype), x)
-    fast, smallest_cum = _filter_with(x, params, asc, tail)
+    fast = _filter_with(x, params, asc, tail)
     if C == V:                       # the candidates are the whole vocabulary
-        return Filtered(fast, top_ids, jnp.ones((B,), bool))
-    # A top-k cut keeps every token tied with the k-th largest, some maybe beyond the
-    # candidates (bf16 logits tie often); a nucleus after it must count their mass: sort then.
-    kth = jnp.take_along_axis(asc, jnp.clip(C - params.top_k, 0, C - 1)[:, None], axis=-1)   # [B, 1]
-    past_candidates = jnp.sum(x >= kth, axis=-1) > C
-    decided_by_top_k = top_k_on & (params.top_k <= C) & ((params.top_p >= 1) | ~past_candidates)
-    decided_by_nucleus = open_nucleus & (smallest_cum <= 1 - params.top_p)
+        return Filtered(fast.logits, top_ids, jnp.ones((B,), bool))
+    # A top-k cut tied beyond the candidates (bf16 logits tie often) keeps those ties,
+    # and a nucleus after it must count their mass: sort then.
+    decided_by_top_k = top_k_on & (params.top_k <= C) & ((params.top_p >= 1) | ~fast.tied_past)
+    decided_by_nucleus = open_nucleus & (fast.smallest_cum <= 1 - params.top_p)
     needs_sort = (top_k_on & ~decided_by_top_k) | (open_nucleus & ~decided_by_nucleus)
     # Rows the candidates decided keep that result when another row sorts: a row's
     # filter must not depend on its batch, and the two orders can round apart at a cut.
     z = jax.lax.cond(jnp.any(needs_sort),
                      lambda x: jnp.where(needs_sort[:, None], _filter_with(
-                         x, params, jnp.sort(x, axis=-1), jnp.zeros((B,), x.dtype))[0], fast),
-                     lambda x: fast, x)
+                         x, params, jnp.sort(x, axis=-1), jnp.zeros((B,), x.dtype)).logits, fast.logits),
+                     lambda x: fast.logits, x)
     # Ties at a cut are all kept, so a support can reach past the candidates even when
     # they decided the cut: count rather than infer.
     within = jnp.sum(jnp.isfinite(z), axis=-1) == jnp.sum(jnp.isfinite(jnp.take_along_axis(z, top_ids, axis=-1)),
@@ -293,13 +291,18 @@ def _filter(x: jax.Array, params: SamplingParams) -> Filtered:
     return Filtered(z, top_ids, within)
 
 
-def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array,
-                 tail: jax.Array) -> tuple[jax.Array, jax.Array]:
+class _Cut(NamedTuple):
+    logits: jax.Array        # [B, V] filtered
+    smallest_cum: jax.Array  # [B] the nucleus' cumulative mass at the smallest candidate
+    tied_past: jax.Array     # [B] the top-k cut keeps more than the C candidates (ties)
+
+
+def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array, tail: jax.Array) -> _Cut:
     """Filter x [B, V] given ``asc`` [B, C]: its C largest logits, ascending (C <= V), and
     ``tail`` [B]: the probability mass outside them (0 when top-k keeps at most C tokens).
 
-    Returns the filtered logits and [B] the nucleus' cumulative mass at the smallest
-    candidate (that candidate and everything below it are dropped when it is <= 1 - top_p).
+    The smallest candidate and everything below it are dropped when ``smallest_cum`` is
+    <= 1 - top_p.
     """
     ninf = jnp.float32(-jnp.inf)
     C = asc.shape[-1]
@@ -307,6 +310,9 @@ def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array,
     k = jnp.minimum(params.top_k, C)
     kth = jnp.take_along_axis(asc, jnp.maximum(C - k, 0)[:, None], axis=-1)  # k-th largest, [B, 1]
     kth = jnp.where(top_k_on[:, None], kth, ninf)
+    # (Comparing x with a value gathered at a fixed index of lax.top_k's output makes
+    # XLA turn the top-k into a full sort; kth's index depends on top_k, so it does not.)
+    tied_past = jnp.sum(x >= kth, axis=-1) > C
     x, asc = jnp.where(x >= kth, x, ninf), jnp.where(asc >= kth, asc, ninf)
     # Top-p: drop the low tail whose cumulative mass is <= 1 - top_p; keep the top token.
     # Ascending, the cumulative mass starts with everything outside the candidates.
@@ -316,7 +322,7 @@ def _filter_with(x: jax.Array, params: SamplingParams, asc: jax.Array,
     x = jnp.where((x >= cut) | (params.top_p >= 1)[:, None], x, ninf)
     # Min-p: p >= min_p * p_max, i.e. x - x_max >= log(min_p), with no softmax over V.
     keep = x - jnp.max(x, axis=-1, keepdims=True) >= jnp.log(params.min_p)[:, None]
-    return jnp.where(keep, x, ninf), cum[:, 0]
+    return _Cut(jnp.where(keep, x, ninf), cum[:, 0], tied_past)
 
 
 def _draw_key(key_data: jax.Array, step: jax.Array) -> jax.Array:

@@ -484,7 +484,7 @@ def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
         params = SamplingParams.stack([SamplingParams.make(top_k=k, top_p=p, min_p=m, seed=0)
                                        for k, p, m, _ in cases])
         z, top_ids, within = (np.asarray(a) for a in _filter(logits, params))
-        by_sort, _ = _filter_with(logits, params, jnp.sort(logits, axis=-1), jnp.zeros((len(cases),)))
+        by_sort = _filter_with(logits, params, jnp.sort(logits, axis=-1), jnp.zeros((len(cases),))).logits
         np.testing.assert_array_equal(np.isfinite(z), np.isfinite(np.asarray(by_sort)))
         for r, (k, p, m, _) in enumerate(cases):
             support = filtered_probs_ref(np.asarray(logits[r]), k, p, m) > 0
