@@ -23,18 +23,18 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_make_fixtures():
-    """Import scripts/make_fixtures.py by path (scripts/ is not a package); cheap: no torch."""
-    name = "mrs_make_fixtures"
+def load_script(stem: str):
+    """Import scripts/<stem>.py by path (scripts/ is not a package), once per session."""
+    name = f"mrs_{stem}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "make_fixtures.py")
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{stem}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while it executes
         spec.loader.exec_module(module)
     return sys.modules[name]
 
 
-make_fixtures = _load_make_fixtures()
+make_fixtures = load_script("make_fixtures")   # cheap: no torch
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
