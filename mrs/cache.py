@@ -9,6 +9,7 @@ engine donates it to the next, so XLA updates it in place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,11 @@ class KVCache:
     """keys: one [slots, kv_heads, max_len, head_dim] array per layer; values: one
     [slots, kv_heads, head_dim, max_len] array per layer (time last, the layout the
     probs @ values contraction reads without a transposed copy); lengths: [slots]."""
+
+    # Logical axis names of each leaf (the sharding rules map them onto a mesh).
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {"keys": ("slots", "kv_heads", "seq", "head_dim"),
+                                                  "values": ("slots", "kv_heads", "head_dim", "seq"),
+                                                  "lengths": ("slots",)}
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -64,12 +70,6 @@ def advance(lengths: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.maximum(lengths, jnp.max(positions, axis=1) + 1).astype(jnp.int32)
 
 
-def step_positions(lengths: jax.Array, valid: jax.Array, width: int) -> jax.Array:
-    """[B, width] positions continuing each row from its length; -1 past ``valid[b]`` tokens."""
-    offsets = jnp.arange(width, dtype=jnp.int32)[None, :]
-    return jnp.where(offsets < valid[:, None], lengths[:, None] + offsets, -1).astype(jnp.int32)
-
-
 def take_slots(cache, slots: jax.Array):
     """The sub-cache of the given slot indices (any cache pytree)."""
     return jax.tree_util.tree_map(lambda x: x[slots], cache)
@@ -97,6 +97,10 @@ class SSMCache:
     at position 0 starts that row from zero state, as a KV row is overwritten from 0.
     """
 
+    AXES: ClassVar[dict[str, tuple[str, ...]]] = {"conv": ("slots", "conv", "inner"),
+                                                  "ssm": ("slots", "inner", "state"),
+                                                  "lengths": ("slots",)}
+
     conv: tuple[jax.Array, ...]
     ssm: tuple[jax.Array, ...]
     lengths: jax.Array
@@ -110,3 +114,4 @@ class SSMCache:
         return cls(conv=tuple(jnp.zeros((slots, conv_kernel - 1, channels), dtype) for _ in range(layers)),
                    ssm=tuple(jnp.zeros((slots, channels, state_size), jnp.float32) for _ in range(layers)),
                    lengths=jnp.zeros((slots,), jnp.int32), max_len=int(max_len))
+

@@ -21,19 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-from mrs.engine.steps import MIN_PROMPT_BUCKET, bucket
+from mrs.engine.shapes import MIN_PROMPT_BUCKET, bucket
 from mrs.errors import (
     InvalidParameterError,
     NotAModelError,
     TokenizerError,
     UnsupportedModelError,
 )
-from mrs.model import bind
 
 MAX_BATCH = 32
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")   # sentence-transformers' order
@@ -41,7 +38,9 @@ POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttok
 
 @dataclass(frozen=True)
 class Pooling:
-    """How token states become one vector: modes (concatenated in this order), then Normalize."""
+    """How token states become one vector: modes (concatenated in this order), then Normalize.
+
+    Each backend computes it over its encoder's states (``Runner.embed``)."""
 
     modes: tuple[str, ...] = ("mean",)
     normalize: bool = False
@@ -82,32 +81,6 @@ class Pooling:
         return cls(modes=modes, normalize=normalize, max_seq_length=int(max_seq) if max_seq else None,
                    lowercase=bool(settings.get("do_lower_case", False)))
 
-    def __call__(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
-        """hidden [B, T, D], mask [B, T] -> [B, D * len(modes)] float32."""
-        h = hidden.astype(jnp.float32)
-        m = mask.astype(jnp.float32)[..., None]                                   # [B, T, 1]
-        count = jnp.maximum(jnp.sum(m, axis=1), 1e-9)                             # [B, 1]
-        out = []
-        for mode in self.modes:
-            if mode == "cls":
-                out.append(h[:, 0])
-            elif mode == "max":
-                out.append(jnp.max(jnp.where(m > 0, h, -1e9), axis=1))
-            elif mode == "mean":
-                out.append(jnp.sum(h * m, axis=1) / count)
-            elif mode == "mean_sqrt_len":
-                out.append(jnp.sum(h * m, axis=1) / jnp.sqrt(count))
-            elif mode == "weightedmean":
-                w = m * jnp.arange(1, h.shape[1] + 1, dtype=jnp.float32)[None, :, None]
-                out.append(jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-9))
-            elif mode == "lasttoken":
-                last = jnp.maximum(jnp.sum(mask.astype(jnp.int32), axis=1) - 1, 0)
-                out.append(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])
-        pooled = jnp.concatenate(out, axis=-1)
-        if self.normalize:
-            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        return pooled
-
 
 def _read_json(path: Path) -> Any:
     try:
@@ -139,14 +112,14 @@ class Embedder:
     """Tokenizer, pooling and the compiled encode step of one encoder model."""
 
     def __init__(self, model: Any):
-        if model.arch.kind != "encoder":
+        if model.family.kind != "encoder":
             if Pooling.from_folder(model.path) is None:
                 raise UnsupportedModelError(
-                    f"model {model.name} is a {model.arch.kind} (text generation) model without a "
+                    f"model {model.name} is a {model.family.kind} (text generation) model without a "
                     "sentence-transformers pooling setup (modules.json, 1_Pooling/config.json), so it cannot "
                     "embed; use an embedding model such as sentence-transformers/all-MiniLM-L6-v2")
             raise UnsupportedModelError(f"model {model.name} has a pooling setup, but embedding with "
-                                        f"{model.arch.kind} models is not supported yet; use an encoder (BERT)")
+                                        f"{model.family.kind} models is not supported yet; use an encoder (BERT)")
         if model.tokenizer is None:
             raise TokenizerError(f"model {model.name} has no tokenizer.json, so it cannot embed text")
         self.pooling = Pooling.from_folder(model.path) or Pooling()
@@ -157,17 +130,11 @@ class Embedder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
         self.dim = model.config.hidden_size * len(self.pooling.modes)
-        graphdef, pooling = model.graphdef, self.pooling
-
-        def encode(params, tokens, mask):
-            """tokens, mask [B, T] -> pooled [B, dim] float32."""
-            return pooling(bind(graphdef, params)(tokens, mask), mask)
-
-        self._encode = jax.jit(encode)
+        self.runner = model.runner
 
     def compiled_count(self) -> int:
         """How many shapes the encode step has been compiled for (for no-recompile tests)."""
-        return self._encode._cache_size()
+        return self.runner.compiled_count()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         if self.pooling.lowercase:
@@ -197,8 +164,7 @@ class Embedder:
         for r, row in enumerate(ids):
             tokens[r, :len(row)] = row
             mask[r, :len(row)] = True
-        pooled = self._encode(model.params, jnp.asarray(tokens), jnp.asarray(mask))
-        return np.asarray(pooled, np.float32)[:len(ids)]
+        return self.runner.embed(tokens, mask, self.pooling)[:len(ids)]
 
 
 _EMBEDDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -20,8 +20,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from mrs.constrain import DIGITS, MAX_DEPTH, MAX_WHITESPACE, NUMBER_ENDS, WHITESPACE, Grammar, State, feed
 from mrs.errors import InvalidParameterError
+from mrs.json_grammar import DIGITS, MAX_DEPTH, MAX_WHITESPACE, NUMBER_ENDS, WHITESPACE, Grammar, State, feed
 
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 ANY = frozenset(TYPES)

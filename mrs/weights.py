@@ -1,26 +1,77 @@
 """safetensors checkpoints (single file or sharded) -> a flat {name: array} of params.
 
-Tensors are read through safetensors' memory map one at a time and cast straight to
-the target dtype, so peak host memory stays near one tensor beyond the result.
+Backend-free: tensors are read as numpy through safetensors' memory map, one at a time,
+checked against a spec (shape, dtype, logical axes per parameter) and handed to a
+``place`` callback, the one place where a backend casts, quantizes, shards and puts
+them on its device. So peak host memory stays near one tensor beyond the result.
 Pickle checkpoints are refused: unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
+from dataclasses import dataclass
+from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from mrs.errors import WeightsError
 
 INDEX = "model.safetensors.index.json"
+
+
+class Spec(Protocol):
+    """What load_params needs to know of a parameter (ParamSpec, jax.ShapeDtypeStruct, an array)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One model parameter: its shape, dtype and logical axis names (one per dimension).
+
+    Floating dtypes mean "the compute dtype" (the checkpoint is cast to it); integer
+    dtypes are stored as they are, so packed quantized codes are legal entries.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any
+    axes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.axes and len(self.axes) != len(self.shape):
+            raise ValueError(f"axes {self.axes} do not name every dimension of shape {self.shape}")
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One model tensor stacked from several checkpoint tensors along ``axis``.
+
+    ``parts`` are (module path, leading shape): each checkpoint tensor's first (output)
+    axis is reshaped to that leading shape, its other axes kept, and the parts are
+    concatenated along ``axis``: ``Fused(1, (("self_attn.q_proj", (K, G, H)), ...))``
+    turns q/k/v [rows, D] into [K, G + 2, H, D]. Module paths match in any layer, for
+    both ``.weight`` and ``.bias``.
+    """
+
+    axis: int
+    parts: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def is_stored_as_is(dtype: Any) -> bool:
+    """Integer and bool tensors (token types, packed codes) keep their dtype; floats are cast."""
+    return np.dtype(dtype).kind in "iub"
+
+
+def cast_to(value: np.ndarray, spec: Spec, dtype: Any) -> np.ndarray:
+    """The numpy array for ``spec``: floats in ``dtype``, integer tensors as stored."""
+    return np.asarray(value, dtype=spec.dtype if is_stored_as_is(spec.dtype) else dtype)
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -80,24 +131,26 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def load_params(
     folder: Path,
-    expected: Mapping[str, jax.ShapeDtypeStruct],
-    dtype: jnp.dtype,
+    expected: Mapping[str, Spec],
+    dtype: Any,
     rename: Callable[[str, np.ndarray], Iterator[tuple[str, np.ndarray]]] | None = None,
     ignore: Callable[[str], bool] = lambda name: False,
     tied: Mapping[str, str] | None = None,
-    fused: Mapping[str, Sequence[tuple[str, int]]] | None = None,
-) -> dict[str, jax.Array]:
+    fused: Mapping[str, Fused] | None = None,
+    place: Callable[[str, np.ndarray, Spec], Any] | None = None,
+) -> dict[str, Any]:
     """Read the checkpoint into arrays for exactly the names and shapes in ``expected``.
 
     ``rename`` maps one checkpoint tensor to zero or more model tensors (a family's
     key map); ``ignore`` names checkpoint tensors that are fine to drop (buffers such
     as rotary ``inv_freq``); ``tied`` fills a missing name from another (tied embeddings);
-    ``fused`` builds one model tensor from several checkpoint tensors stacked along
-    their first axis, ``{"self_attn.qkv_proj": [("self_attn.q_proj", rows), ...]}``
-    (module paths, matched in any layer, for both ``.weight`` and ``.bias``).
-    Float tensors are cast to ``dtype``; others keep theirs.
+    ``fused`` builds one model tensor from several checkpoint tensors (see ``Fused``).
+    A model tensor may also split a checkpoint tensor's first axis into several (a
+    [2F, D] ``gate_up_proj`` into [2, F, D]). Each tensor goes through
+    ``place(name, array, spec)``; the default casts floats to ``dtype`` in numpy.
     """
-    params: dict[str, jax.Array] = {}
+    place = place or (lambda name, value, spec: cast_to(value, spec, dtype))
+    params: dict[str, Any] = {}
     unexpected: list[str] = []
     parts = _FusedParts(fused or {}, expected)
     for ckpt_name, array in iter_tensors(folder):
@@ -110,10 +163,9 @@ def load_params(
                     unexpected.append(ckpt_name)
                 continue
             want = expected[name]
-            _check_shape(ckpt_name, value, tuple(want.shape), name)
-            params[name] = jnp.asarray(value, dtype=_target_dtype(want, dtype))
+            params[name] = place(name, _fit(ckpt_name, value, tuple(want.shape), name), want)
     for name, value in parts.complete():
-        params[name] = jnp.asarray(value, dtype=_target_dtype(expected[name], dtype))
+        params[name] = place(name, value, expected[name])
     for name, source in (tied or {}).items():
         if name not in params and source in params:
             params[name] = params[source]
@@ -130,8 +182,14 @@ def load_params(
     return params
 
 
-def _target_dtype(want: jax.ShapeDtypeStruct, dtype: jnp.dtype) -> jnp.dtype:
-    return dtype if jnp.issubdtype(want.dtype, jnp.floating) else want.dtype
+def _fit(ckpt_name: str, value: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``value`` in the model's shape: as it is, or with its first axis split (see load_params)."""
+    split = len(shape) - value.ndim + 1
+    if (value.ndim and len(shape) > value.ndim and tuple(value.shape[1:]) == shape[split:]
+            and value.shape[0] == prod(shape[:split])):
+        return value.reshape(shape)
+    _check_shape(ckpt_name, value, shape, name)
+    return value
 
 
 def _check_shape(ckpt_name: str, value: np.ndarray, shape: tuple[int, ...], name: str) -> None:
@@ -152,50 +210,50 @@ def _prefix(module: str, suffix: str) -> str | None:
 class _FusedParts:
     """Collects the checkpoint tensors that load_params stacks into one model tensor."""
 
-    def __init__(self, fused: Mapping[str, Sequence[tuple[str, int]]], expected: Mapping[str, Any]):
+    def __init__(self, fused: Mapping[str, Fused], expected: Mapping[str, Any]):
         self.fused, self.expected = fused, expected
         self.found: dict[str, dict[int, np.ndarray]] = {}
 
-    def _parts_of(self, name: str) -> tuple[str, Sequence[tuple[str, int]], str] | None:
-        """(module prefix, parts, leaf) when ``name`` is a fused model tensor."""
+    def _parts_of(self, name: str) -> tuple[str, Fused, str] | None:
+        """(module prefix, spec, leaf) when ``name`` is a fused model tensor."""
         module, _, leaf = name.rpartition(".")
-        for target, parts in self.fused.items():
+        for target, spec in self.fused.items():
             prefix = _prefix(module, target)
             if prefix is not None:
-                return prefix, parts, leaf
+                return prefix, spec, leaf
         return None
 
     def add(self, name: str, ckpt_name: str, value: np.ndarray) -> bool:
         """Keep ``name`` if it is one part of a fused tensor the model expects."""
         module, _, leaf = name.rpartition(".")
-        for target, parts in self.fused.items():
-            for index, (part, rows) in enumerate(parts):
+        for target, spec in self.fused.items():
+            for index, (part, lead) in enumerate(spec.parts):
                 prefix = _prefix(module, part)
                 if prefix is None:
                     continue
                 fused_name = f"{prefix}{target}.{leaf}"
                 if fused_name not in self.expected:
                     return False
-                shape = (rows,) + tuple(self.expected[fused_name].shape[1:])
-                _check_shape(ckpt_name, value, shape, f"{fused_name} rows {index}")
-                self.found.setdefault(fused_name, {})[index] = value
+                rest = tuple(self.expected[fused_name].shape[len(lead):])
+                _check_shape(ckpt_name, value, (prod(lead),) + rest, f"{fused_name} part {index}")
+                self.found.setdefault(fused_name, {})[index] = value.reshape(tuple(lead) + rest)
                 return True
         return False
 
     def complete(self) -> Iterator[tuple[str, np.ndarray]]:
         """Each fused tensor whose parts all arrived, stacked in the parts' order."""
         for name, found in self.found.items():
-            _, parts, _ = self._parts_of(name)
-            if len(found) == len(parts):
-                yield name, np.concatenate([found[i] for i in range(len(parts))], axis=0)
+            _, spec, _ = self._parts_of(name)
+            if len(found) == len(spec.parts):
+                yield name, np.concatenate([found[i] for i in range(len(spec.parts))], axis=spec.axis)
 
     def checkpoint_names(self, missing: set[str]) -> Iterator[str]:
         """Missing model tensors as the checkpoint names a user can look for."""
         for name in missing:
-            spec = self._parts_of(name)
-            if spec is None:
+            found_spec = self._parts_of(name)
+            if found_spec is None:
                 yield name
                 continue
-            prefix, parts, leaf = spec
+            prefix, spec, leaf = found_spec
             found = self.found.get(name, {})
-            yield from (f"{prefix}{part}.{leaf}" for i, (part, _) in enumerate(parts) if i not in found)
+            yield from (f"{prefix}{part}.{leaf}" for i, (part, _) in enumerate(spec.parts) if i not in found)

@@ -12,7 +12,7 @@ prompt token ids (``--prompt-len`` random ids per row, seeded) through
   same shapes that compiles prefill and decode (the compile count is checked to stay
   put, so no timed run pays for compiling). Prefill is ``Completion.prompt_seconds``;
   decode is ``Completion.decode_seconds``. A second, raw measurement loops the
-  jitted ``model.steps.decode`` with no host reads in between, so the gap between the
+  jitted ``model.runner.compiled().decode`` with no host reads in between, so the gap between the
   two is the generation loop's host overhead.
 * transformers: ``AutoModelForCausalLM.from_pretrained`` under ``torch.inference_mode``,
   prefill as one forward over the prompt (``logits_to_keep=1``, as generate does),
@@ -246,7 +246,7 @@ def weight_bytes(model) -> tuple[int, int]:
     """(bytes of params a decode step reads, bytes of all params)."""
     total = read = 0
     tied = model.hf_config.get("tie_word_embeddings", False)
-    for path, value in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+    for path, value in jax.tree_util.tree_flatten_with_path(model.runner.params)[0]:
         nbytes = value.nbytes
         total += nbytes
         name = ".".join(str(getattr(key, "key", key)) for key in path)
@@ -275,8 +275,7 @@ def typical(values: list[float]) -> float:
 
 def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
     """(prefill s, decode s for new_tokens - 1 steps) of the jitted steps alone, no host reads."""
-    from mrs.cache import step_positions
-    from mrs.engine.steps import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket
+    from mrs.engine.shapes import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket, step_positions
     from mrs.sampling import SamplingParams
 
     batch, length = prompts.shape
@@ -288,19 +287,20 @@ def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, f
     history[:, max_len - length:] = prompts
     sampling = SamplingParams.stack([SamplingParams.make(temperature=0, seed=0) for _ in range(batch)])
     cache = model.init_cache(batch, max_len)
-    positions = step_positions(jnp.zeros((batch,), jnp.int32), jnp.full((batch,), length, jnp.int32), width)
+    positions = jnp.asarray(step_positions(np.zeros((batch,), np.int32), np.full((batch,), length, np.int32), width))
     step = jnp.zeros((batch,), jnp.int32)
     tokens, history = jnp.asarray(tokens), jnp.asarray(history)
+    sampling = jax.tree.map(jnp.asarray, sampling)
     jax.block_until_ready((cache, positions, tokens, history, sampling))
-    steps = model.steps
+    steps, params = model.runner.compiled(0), model.runner.params   # the raw jitted functions
     allowed, active = steps.all_allowed(batch), np.ones((batch,), bool)
     started = time.perf_counter()
-    result, cache = steps.prefill(model.params, tokens, positions, cache, sampling, history, step, allowed)
+    result, cache = steps.prefill(params, tokens, positions, cache, sampling, history, step, allowed)
     result.tokens.block_until_ready()
     prefilled = time.perf_counter()
     for _ in range(new_tokens - 1):
         step = step + 1
-        result, cache, history = steps.decode(model.params, result.tokens, cache, sampling, history, step, active,
+        result, cache, history = steps.decode(params, result.tokens, cache, sampling, history, step, active,
                                               allowed)
     result.tokens.block_until_ready()
     return prefilled - started, time.perf_counter() - prefilled
@@ -362,7 +362,7 @@ def load_mrs(folder: Path, args) -> tuple[Any, dict]:
     with mrs_load_progress(folder):
         t = time.perf_counter()
         model = mrs.load(folder, dtype=args.dtype, device="auto", home=folder.parent)
-        jax.block_until_ready(model.params)
+        jax.block_until_ready(model.runner.params)
         wall = time.perf_counter() - t
     console.log(f"mrs: loaded {model} in {model.load_seconds:.2f}s ({wall:.2f}s until on device)")
     read, total = weight_bytes(model)
@@ -496,7 +496,7 @@ def run_rounds(folder: Path, args, batches: list[int], prompts: np.ndarray, with
     theirs = hf = None
     if with_transformers:
         hf, theirs = load_transformers(folder, args)
-    from mrs.engine.steps import MIN_CACHE_BUCKET, bucket
+    from mrs.engine.shapes import MIN_CACHE_BUCKET, bucket
 
     max_len = bucket(args.prompt_len + args.new_tokens, MIN_CACHE_BUCKET, model.context_length)
     for batch in batches:

@@ -14,10 +14,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import mrs
-from mrs.archs import bert
 from mrs.archs.bert import BertConfig
+from mrs.backends.jax.pooling import pool
 from mrs.embedding import Pooling, embed_texts, embedder
 from mrs.errors import InvalidParameterError, MrsError, UnsupportedModelError
+from mrs.families import bert
 from mrs.weights import load_params
 
 MINILM_TEXTS = [
@@ -59,7 +60,7 @@ def test_tiny_bert_hidden_states_and_embeddings_match_transformers(tiny):
     for row, mask, ids in zip(golden["input_ids"], golden["attention_mask"], embedder(model).tokenize(texts)):
         assert row[:mask.sum()].tolist() == ids
     mask = golden["attention_mask"].astype(bool)
-    hidden = np.asarray(jax.jit(lambda m, t, k: m(t, k))(model.module(), golden["input_ids"], mask))
+    hidden = np.asarray(jax.jit(lambda m, t, k: m(t, k))(model.runner.module(), golden["input_ids"], mask))
     np.testing.assert_allclose(hidden[mask], golden["last_hidden_state"][mask], atol=1e-4, rtol=0)
     np.testing.assert_allclose(mrs.embed(model, texts), golden["embeddings"], atol=1e-5, rtol=0)
 
@@ -110,10 +111,10 @@ def test_a_text_alone_embeds_as_it_does_in_a_padded_batch(tiny):
 def test_pooling_modes_and_folders_without_sentence_transformers_files(tmp_path):
     hidden = np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-    np.testing.assert_allclose(Pooling(("cls",))(hidden, mask), hidden[:, 0], atol=1e-6)
-    np.testing.assert_allclose(Pooling(("mean",))(hidden, mask)[0], hidden[0, :3].mean(0), atol=1e-6)
-    np.testing.assert_allclose(Pooling(("max",))(hidden, mask)[0], hidden[0, :3].max(0), atol=1e-6)
-    np.testing.assert_allclose(Pooling(("lasttoken",))(hidden, mask)[0], hidden[0, 2], atol=1e-6)
+    np.testing.assert_allclose(pool(hidden, mask, Pooling(("cls",))), hidden[:, 0], atol=1e-6)
+    np.testing.assert_allclose(pool(hidden, mask, Pooling(("mean",)))[0], hidden[0, :3].mean(0), atol=1e-6)
+    np.testing.assert_allclose(pool(hidden, mask, Pooling(("max",)))[0], hidden[0, :3].max(0), atol=1e-6)
+    np.testing.assert_allclose(pool(hidden, mask, Pooling(("lasttoken",)))[0], hidden[0, 2], atol=1e-6)
     assert Pooling.from_folder(tmp_path) is None
     (tmp_path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -62,8 +62,9 @@ def test_decode_updates_the_donated_cache_in_place(llama):
     sampling = SamplingParams.stack([SamplingParams.make(temperature=0)] * slots)
     history = jax.numpy.full((slots, 8), -1, jax.numpy.int32)
     step = jax.numpy.zeros((slots,), jax.numpy.int32)
-    text = llama.steps.decode.lower(llama.params, step, cache, sampling, history, step, jax.numpy.ones((slots,), bool),
-                                    llama.steps.all_allowed(slots)).compile().as_text()
+    steps = llama.runner.compiled()
+    text = steps.decode.lower(llama.runner.params, step, cache, sampling, history, step, jax.numpy.ones((slots,), bool),
+                              steps.all_allowed(slots)).compile().as_text()
     layer = cache.keys[0]
     shape = "f32[" + ",".join(map(str, layer.shape)) + "]"
     copies = [line for line in text.splitlines() if " copy(" in line and f"= {shape}" in line]

@@ -114,15 +114,15 @@ def test_padded_prefill_leaves_the_same_state_as_an_unpadded_one_and_slots_resta
     positions = np.stack([np.arange(width), np.where(np.arange(width) < valid, np.arange(width), -1)])
     positions = jnp.asarray(positions, jnp.int32)
     cache = model.init_cache(2, width)
-    logits, cache = model.steps.forward(model.params, jnp.asarray(tokens), positions, cache)
-    alone, alone_cache = model.steps.forward(model.params, jnp.asarray(tokens[1:2, :valid]),
-                                             positions[1:2, :valid], model.init_cache(1, width))
+    logits, cache = model.runner.compiled().forward(model.runner.params, jnp.asarray(tokens), positions, cache)
+    alone, alone_cache = model.runner.compiled().forward(model.runner.params, jnp.asarray(tokens[1:2, :valid]),
+                                                         positions[1:2, :valid], model.init_cache(1, width))
     np.testing.assert_allclose(np.asarray(logits)[1, :valid], np.asarray(alone)[0], atol=LOGITS_TOLERANCE, rtol=0)
     for padded, unpadded in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(alone_cache)):
         np.testing.assert_allclose(np.asarray(padded)[1], np.asarray(unpadded)[0], atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(cache.lengths), [width, valid])
     # A used slot prefilled from position 0 starts over, as a KV row is overwritten from 0.
-    again, _ = model.steps.forward(model.params, jnp.asarray(tokens), positions, cache)
+    again, _ = model.runner.compiled().forward(model.runner.params, jnp.asarray(tokens), positions, cache)
     np.testing.assert_allclose(np.asarray(again), np.asarray(logits), atol=LOGITS_TOLERANCE, rtol=0)
 
 
@@ -172,7 +172,7 @@ def test_cache_is_an_ssm_cache_whatever_max_len(mamba):
 
 def test_old_backbone_embedding_name_loads_through_the_rename_hook(fixture_path, tmp_path):
     """Early Mamba checkpoints say ``backbone.embedding``; transformers renames it on load."""
-    from mrs.archs import mamba
+    from mrs.families import mamba
     from mrs.weights import load_params
 
     tensors = load_file(fixture_path("mamba") / "model.safetensors")

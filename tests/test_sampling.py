@@ -25,13 +25,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from mrs.backends.jax.sampling import process_logits, sample_jit
 from mrs.errors import InvalidParameterError
 from mrs.sampling import (
     DEFAULTS,
     FILTERED_LOGPROB,
     SamplingParams,
-    process_logits,
-    sample_jit,
 )
 
 B, V, W, NUM_TOP = 4, 64, 16, 5
@@ -474,7 +473,7 @@ def test_out_of_range_or_mistyped_parameters_raise_an_error_naming_them(name, va
 def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
     """The C largest logits decide top-k <= C and nuclei that close among them; wider
     filters sort the vocabulary. Either way, the support is the definitions' (float64)."""
-    from mrs.sampling import CANDIDATES, _filter, _filter_with
+    from mrs.backends.jax.sampling import CANDIDATES, _filter, _filter_with
 
     vocab = 1000
     normal = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (vocab,)))
@@ -509,7 +508,7 @@ def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
     "scale": st.sampled_from([0.5, 3.0, 12.0]),
 }), min_size=B, max_size=B), st.integers(0, 2**32 - 1))
 def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_support(rows, seed):
-    from mrs.sampling import CANDIDATES, _filter
+    from mrs.backends.jax.sampling import CANDIDATES, _filter
 
     vocab = 4 * CANDIDATES
     normal = np.random.default_rng(seed).standard_normal((B, vocab))
@@ -531,7 +530,7 @@ def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_
 def test_ties_at_a_cut_reach_past_the_candidates_and_are_drawn():
     """A cut keeps every token tied with it (as HF's warpers do), also outside the
     candidates; a nucleus then counts their mass, and the draw covers them."""
-    from mrs.sampling import CANDIDATES, _filter
+    from mrs.backends.jax.sampling import CANDIDATES, _filter
 
     vocab = 4 * CANDIDATES
     tied = np.array([3.0] * 5 + [0.0] * (vocab - 5), np.float32)   # 5 likely tokens, then a tie
@@ -558,7 +557,7 @@ def test_sampling_runs_with_64_bit_jax_types():
 def test_a_rows_filter_does_not_depend_on_a_neighbour_that_sorts():
     """A nucleus the candidates decide keeps that result when another row of the batch
     needs the full sort, even with top_p right at a cut, where the two orders round apart."""
-    from mrs.sampling import CANDIDATES, _filter
+    from mrs.backends.jax.sampling import CANDIDATES, _filter
 
     vocab = 4 * CANDIDATES
     rng = np.random.default_rng(11)

@@ -32,7 +32,7 @@ class FakeLoader:
             assert gate.wait(10)
         if name in self.fail:
             raise RuntimeError(f"cannot load {name}")
-        return SimpleNamespace(name=name, arch=SimpleNamespace(kind="encoder"), context_length=512)
+        return SimpleNamespace(name=name, family=SimpleNamespace(kind="encoder"), context_length=512)
 
 
 @pytest.fixture

@@ -1,55 +1,27 @@
-"""Registry: a HF config.json -> (config dataclass, Flax model class).
-
-Each family module provides a frozen config with ``from_hf(dict)``, an NNX model
-whose parameter names mirror the HF checkpoint, and ``ignored(name)`` for
-checkpoint tensors that are buffers rather than weights. Where names differ, the
-module says how: ``rename(name, array)`` maps one checkpoint tensor to model
-tensors, and ``fused(config)`` names checkpoint tensors stacked into one.
-"""
+"""The JAX (Flax NNX) model class of each family (configs and checkpoint maps are
+backend-free, in mrs/families)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from mrs.archs import bert, llama, mamba, phi
 from mrs.errors import UnsupportedModelError
 
-
-@dataclass(frozen=True)
-class Architecture:
-    """How to build one family: its config class, model class and kind."""
-
-    name: str
-    module: ModuleType
-    config_cls: Any
-    model_cls: Any
-    kind: str = "causal"          # "causal" generates text; "encoder" embeds
+MODELS: dict[str, Any] = {model_type: llama.LlamaForCausalLM for model_type in llama.MODEL_TYPES}
+MODELS["phi"] = phi.PhiForCausalLM
+MODELS["phi3"] = phi.Phi3ForCausalLM
+MODELS["mamba"] = mamba.MambaForCausalLM
+MODELS["bert"] = bert.BertModel
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    model_type: Architecture(model_type, llama, llama.LlamaConfig, llama.LlamaForCausalLM)
-    for model_type in llama.MODEL_TYPES
-}
-ARCHITECTURES["phi"] = Architecture("phi", phi, phi.PhiConfig, phi.PhiForCausalLM)
-ARCHITECTURES["phi3"] = Architecture("phi3", phi, phi.PhiConfig, phi.Phi3ForCausalLM)
-ARCHITECTURES["mamba"] = Architecture("mamba", mamba, mamba.MambaConfig, mamba.MambaForCausalLM)
-ARCHITECTURES["bert"] = Architecture("bert", bert, bert.BertConfig, bert.BertModel, kind="encoder")
+def register(model_type: str, model_cls: Any) -> None:
+    """Add the Flax model of a family registered with ``mrs.families.register``."""
+    MODELS[model_type] = model_cls
 
 
-def register(model_type: str, arch: Architecture) -> None:
-    """Add a family (used by the family modules and by users experimenting)."""
-    ARCHITECTURES[model_type] = arch
-
-
-def resolve(hf_config: dict) -> tuple[Architecture, Any]:
-    """Pick the architecture for a config.json dict and parse its config."""
-    model_type = hf_config.get("model_type")
-    if not model_type:
-        raise UnsupportedModelError("config.json has no model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
-    arch = ARCHITECTURES[model_type]
-    return arch, arch.config_cls.from_hf(hf_config)
+def model_class(family_name: str) -> Any:
+    """The Flax model class of a family, or a clear error if JAX has none."""
+    if family_name not in MODELS:
+        raise UnsupportedModelError(f"model_type {family_name!r} has no JAX model (have: {', '.join(sorted(MODELS))})")
+    return MODELS[family_name]

@@ -10,13 +10,10 @@ prefix); ``rename`` maps the prefixed names of BertFor* checkpoints onto them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mrs.archs.layers import (
@@ -25,61 +22,16 @@ from mrs.archs.layers import (
     Linear,
     activation,
     dense_attention,
-    reading_config,
 )
-from mrs.errors import UnsupportedModelError
-
-MODEL_TYPES = ("bert",)
-
-
-@dataclass(frozen=True)
-class BertConfig:
-    """The subset of a BERT config.json mrs reads; unknown keys are ignored."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    type_vocab_size: int = 2
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-12
-
-    @classmethod
-    def from_hf(cls, config: dict) -> BertConfig:
-        if config.get("model_type") not in MODEL_TYPES:
-            raise UnsupportedModelError(f"model_type {config.get('model_type')!r} is not a BERT model")
-        position = config.get("position_embedding_type", "absolute")
-        if position != "absolute":
-            raise UnsupportedModelError(f"BERT position_embedding_type {position!r} is not supported (only absolute)")
-        if config.get("is_decoder") or config.get("add_cross_attention"):
-            raise UnsupportedModelError("BERT as a decoder (is_decoder / add_cross_attention) is not supported")
-        with reading_config():
-            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-            if hidden % heads:
-                raise UnsupportedModelError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-            act = str(config.get("hidden_act", "gelu"))
-            activation(act)   # fail at load, not at the first call
-            return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=heads,
-                intermediate_size=int(config["intermediate_size"]),
-                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
-                type_vocab_size=int(config.get("type_vocab_size", 2)),
-                hidden_act=act,
-                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-            )
+from mrs.families.bert import MODEL_TYPES, BertConfig  # noqa: F401  (the family's config, re-exported)
 
 
 class BertEmbeddings(nnx.Module):
     def __init__(self, cfg: BertConfig, dtype: Any):
         D = cfg.hidden_size
         self.word_embeddings = Embedding(cfg.vocab_size, D, dtype=dtype)
-        self.position_embeddings = Embedding(cfg.max_position_embeddings, D, dtype=dtype)
-        self.token_type_embeddings = Embedding(cfg.type_vocab_size, D, dtype=dtype)
+        self.position_embeddings = Embedding(cfg.max_position_embeddings, D, dtype=dtype, axes=("positions", "embed"))
+        self.token_type_embeddings = Embedding(cfg.type_vocab_size, D, dtype=dtype, axes=("token_types", "embed"))
         self.LayerNorm = LayerNorm(D, eps=cfg.layer_norm_eps, dtype=dtype)
 
     def __call__(self, tokens, token_types):
@@ -91,9 +43,9 @@ class BertEmbeddings(nnx.Module):
 class BertSelfAttention(nnx.Module):
     def __init__(self, cfg: BertConfig, dtype: Any):
         D = cfg.hidden_size
-        self.query = Linear(D, D, bias=True, dtype=dtype)
-        self.key = Linear(D, D, bias=True, dtype=dtype)
-        self.value = Linear(D, D, bias=True, dtype=dtype)
+        self.query = Linear(D, D, bias=True, dtype=dtype, axes=("heads", "embed"))
+        self.key = Linear(D, D, bias=True, dtype=dtype, axes=("heads", "embed"))
+        self.value = Linear(D, D, bias=True, dtype=dtype, axes=("heads", "embed"))
         self.heads, self.head_dim = cfg.num_attention_heads, D // cfg.num_attention_heads
 
     def __call__(self, x, mask):
@@ -105,8 +57,8 @@ class BertSelfAttention(nnx.Module):
 class BertResidualOutput(nnx.Module):
     """LN(x + dense(h)): the post-LN residual after attention and after the MLP."""
 
-    def __init__(self, d_in: int, d_out: int, eps: float, dtype: Any):
-        self.dense = Linear(d_in, d_out, bias=True, dtype=dtype)
+    def __init__(self, d_in: int, d_out: int, eps: float, dtype: Any, in_axis: str):
+        self.dense = Linear(d_in, d_out, bias=True, dtype=dtype, axes=("embed", in_axis))
         self.LayerNorm = LayerNorm(d_out, eps=eps, dtype=dtype)
 
     def __call__(self, h, x):
@@ -116,7 +68,7 @@ class BertResidualOutput(nnx.Module):
 class BertAttention(nnx.Module):
     def __init__(self, cfg: BertConfig, dtype: Any):
         self.self = BertSelfAttention(cfg, dtype)
-        self.output = BertResidualOutput(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps, dtype)
+        self.output = BertResidualOutput(cfg.hidden_size, cfg.hidden_size, cfg.layer_norm_eps, dtype, "heads")
 
     def __call__(self, x, mask):
         return self.output(self.self(x, mask), x)
@@ -124,7 +76,7 @@ class BertAttention(nnx.Module):
 
 class BertIntermediate(nnx.Module):
     def __init__(self, cfg: BertConfig, dtype: Any):
-        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, axes=("mlp", "embed"))
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -135,7 +87,7 @@ class BertLayer(nnx.Module):
     def __init__(self, cfg: BertConfig, dtype: Any):
         self.attention = BertAttention(cfg, dtype)
         self.intermediate = BertIntermediate(cfg, dtype)
-        self.output = BertResidualOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, dtype)
+        self.output = BertResidualOutput(cfg.intermediate_size, cfg.hidden_size, cfg.layer_norm_eps, dtype, "mlp")
 
     def __call__(self, x, mask):
         x = self.attention(x, mask)
@@ -163,13 +115,3 @@ class BertModel(nnx.Module):
         for layer in self.encoder.layer:
             x = layer(x, keys)
         return x
-
-
-def rename(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-    """Checkpoints of BertFor* heads prefix the encoder with ``bert.``; strip it."""
-    yield (name.removeprefix("bert.")), array
-
-
-def ignored(name: str) -> bool:
-    """Checkpoint tensors mrs does not use: buffers, the pooler, task heads."""
-    return (name.endswith(("position_ids", "token_type_ids")) or name.startswith(("pooler.", "bert.pooler.", "cls.")))

@@ -9,9 +9,7 @@ K kv heads, G query heads per kv head, H head dim, F feed-forward dim, V vocab.
 
 from __future__ import annotations
 
-import math
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +19,8 @@ from flax import nnx
 
 from mrs.cache import KVCache, advance, write_positions
 from mrs.errors import UnsupportedModelError
+from mrs.families.common import ACTIVATIONS as ACTIVATION_NAMES
+from mrs.families.rope import Rope
 
 MASKED = float(np.finfo(np.float32).min)
 
@@ -33,6 +33,7 @@ ACTIVATIONS = {
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES), "every activation a config may name has an implementation"
 
 
 def activation(name: str):
@@ -42,38 +43,91 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def param(shape: tuple[int, ...], dtype: Any, axes: tuple[str, ...], fill: float = 0.0) -> nnx.Param:
+    """A parameter with its logical axis names (``embed``, ``heads``, ``vocab``, ...) as
+    metadata: the loader's spec and, later, the sharding rules read them."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not name every dimension of shape {shape}")
+    return nnx.Param(jnp.full(shape, fill, dtype), axes=tuple(axes))
+
+
 # --- parameters in Hugging Face layout, so checkpoint names map 1:1 -----------------
 
-class Linear(nnx.Module):
-    """y = x W^T + b with W stored as HF does: [out, in]."""
+def project(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """x [..., D] . weight [*O, D] -> [..., *O]: the dense projection every Linear runs."""
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (weight.ndim - 1,)), ((), ())))
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: Any):
-        self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+class Linear(nnx.Module):
+    """y = x W^T + b with W stored as HF does, [out, in]; ``out`` may be several axes
+    (q/k/v as [K, G + 2, H]), so heads stay an axis a shard or an adapter can slice.
+
+    This is the dense variant; ``swap_linears`` replaces chosen ones (by parameter path)
+    with quantized, adapted or sharded variants that keep this call signature.
+    """
+
+    def __init__(self, in_features: int, out: int | tuple[int, ...], *, bias: bool, dtype: Any,
+                 axes: tuple[str, ...]):
+        out = (out,) if isinstance(out, int) else tuple(out)
+        self.weight = param(out + (in_features,), dtype, axes)
+        self.bias = param(out, dtype, axes[:-1]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        y = project(x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
 
 
 class Embedding(nnx.Module):
-    """Token embeddings [V, D]; ``attend`` reuses them as a tied output head."""
+    """Token embeddings [V, D]; ``attend`` reuses them as a tied output head (so a
+    variant of the embedding covers the tied head too)."""
 
-    def __init__(self, vocab: int, dim: int, *, dtype: Any):
-        self.weight = nnx.Param(jnp.zeros((vocab, dim), dtype))
+    def __init__(self, vocab: int, dim: int, *, dtype: Any, axes: tuple[str, str] = ("vocab", "embed")):
+        self.weight = param((vocab, dim), dtype, axes)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], tokens, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...D,VD->...V", x, self.weight[...])
+        return project(x, self.weight[...])
+
+
+Projection = Linear | Embedding
+
+
+def swap_linears(model: nnx.Module, variant: Callable[[str, Projection], nnx.Module | None]) -> list[str]:
+    """Replace projections in place, the way mlx-lm's ``nn.quantize`` picks layers:
+    ``variant(path, layer)`` sees every Linear and Embedding with its parameter path
+    (``model.layers.0.self_attn.qkv_proj``) and returns a replacement, or None to keep
+    it. Returns the paths replaced. The one place quantized, LoRA-adapted and sharded
+    projections plug in."""
+    replaced: list[str] = []
+
+    def visit(node: Any, prefix: str) -> None:
+        children = list(enumerate(node)) if isinstance(node, nnx.List) else list(vars(node).items())
+        for key, child in children:
+            if not isinstance(child, nnx.Module):
+                continue
+            path = f"{prefix}{key}"
+            if isinstance(child, (Linear, Embedding)):
+                new = variant(path, child)
+                if new is not None:
+                    if isinstance(node, nnx.List):
+                        node[key] = new
+                    else:
+                        setattr(node, key, new)
+                    replaced.append(path)
+                    continue
+            visit(child, path + ".")
+
+    visit(model, "")
+    return replaced
 
 
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32, as transformers does, then cast back."""
 
-    def __init__(self, dim: int, *, eps: float, dtype: Any):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    def __init__(self, dim: int, *, eps: float, dtype: Any, axis: str = "embed"):
+        self.weight = param((dim,), dtype, (axis,), fill=1.0)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,9 +139,9 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with weight and bias, statistics in float32."""
 
-    def __init__(self, dim: int, *, eps: float, dtype: Any, bias: bool = True):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype)) if bias else None
+    def __init__(self, dim: int, *, eps: float, dtype: Any, bias: bool = True, axis: str = "embed"):
+        self.weight = param((dim,), dtype, (axis,), fill=1.0)
+        self.bias = param((dim,), dtype, (axis,)) if bias else None
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,135 +155,65 @@ class LayerNorm(nnx.Module):
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)) — Llama's SwiGLU and kin.
 
-    gate and up are one [2F, D] matrix (``gate_up_proj``, gate rows first, as Phi-3
-    stores it): at batch 1 a decode step is bound by reading weights, and one large
-    matmul reads them faster than two small ones. Checkpoints that keep them apart
-    are stacked at load (see ``weights.load_params(fused=...)``).
+    gate and up are one [2, F, D] tensor (``gate_up_proj``, gate first): at batch 1 a
+    decode step is bound by reading weights, and one large matmul reads them faster
+    than two small ones; the parts axis keeps F whole for a shard or an adapter.
+    Checkpoints that keep them apart are stacked at load (``weights.Fused``).
     """
 
     def __init__(self, dim: int, hidden: int, *, act: str, bias: bool, dtype: Any):
-        self.gate_up_proj = Linear(dim, 2 * hidden, bias=bias, dtype=dtype)
-        self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype)
+        self.gate_up_proj = Linear(dim, (2, hidden), bias=bias, dtype=dtype, axes=("gate_up", "mlp", "embed"))
+        self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, axes=("embed", "mlp"))
         self.act = activation(act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)                   # [B, T, F] each
-        return self.down_proj(self.act(gate) * up)
+        gate_up = self.gate_up_proj(x)                                            # [B, T, 2, F]
+        return self.down_proj(self.act(gate_up[..., 0, :]) * gate_up[..., 1, :])
 
 
-def split_qkv(qkv: jax.Array, heads: int, kv_heads: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A fused projection [B, T, (N + 2K) * H] -> q [B, T, N*H], k, v [B, T, K*H]."""
-    return tuple(jnp.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1))
+def qkv_projection(dim: int, heads: int, kv_heads: int, head_dim: int, *, bias: bool, dtype: Any) -> Linear:
+    """The fused q/k/v projection, [K, G + 2, H, D] (see ``mrs.families.llama.qkv_fused``)."""
+    return Linear(dim, (kv_heads, heads // kv_heads + 2, head_dim), bias=bias, dtype=dtype,
+                  axes=("kv_heads", "qkv", "head_dim", "embed"))
+
+
+def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A fused projection [B, T, K, G + 2, H] -> q [B, T, N, H], k, v [B, T, K, H]."""
+    B, T, K, parts, H = qkv.shape
+    G = parts - 2
+    return qkv[:, :, :, :G].reshape(B, T, K * G, H), qkv[:, :, :, G], qkv[:, :, :, G + 1]
 
 
 # --- rotary position embeddings ----------------------------------------------------
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+def rope_inv_freq(rope: Rope, seq_len: jax.Array) -> jax.Array:
+    """[B, rotary_dim/2] frequencies for rows whose longest position is ``seq_len - 1``.
+
+    Dynamic NTK and longrope depend on the length, per row, as transformers
+    recomputes them per forward call from the largest position id.
+    """
+    batch = seq_len.shape[0]
+    base = jnp.asarray(rope.base_inv_freq())
+    if rope.kind == "dynamic":
+        dim = rope.rotary_dim
+        length = jnp.maximum(seq_len, rope.max_position).astype(jnp.float32)[:, None]
+        theta = rope.theta * ((rope.factor * length / rope.max_position) - (rope.factor - 1)) ** (dim / (dim - 2))
+        exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        return 1.0 / theta ** exponents[None, :]
+    if rope.kind == "longrope":
+        short = jnp.asarray(rope.short_factor, jnp.float32)
+        long = jnp.asarray(rope.long_factor, jnp.float32)
+        ext = jnp.where((seq_len > rope.original_max_position)[:, None], long[None], short[None])
+        return 1.0 / (ext * (1.0 / base)[None, :])
+    return jnp.broadcast_to(base[None, :], (batch, base.shape[0]))
 
 
-@dataclass(frozen=True)
-class Rope:
-    """Rotary embedding settings, from either HF config dialect (see ``from_hf``)."""
-
-    kind: str
-    theta: float
-    rotary_dim: int
-    max_position: int
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 0
-    short_factor: tuple[float, ...] = ()
-    long_factor: tuple[float, ...] = ()
-    attention_factor: float = 1.0
-
-    @classmethod
-    def from_hf(cls, config: dict, head_dim: int) -> Rope:
-        """Read ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x)."""
-        params = dict(config.get("rope_parameters") or {})
-        if isinstance(config.get("rope_scaling"), dict):
-            params = {**config["rope_scaling"], **params}
-        if set(params) & set(config.get("layer_types") or ()):
-            raise UnsupportedModelError("per-layer-type rope_parameters are not supported yet")
-        kind = params.get("rope_type", params.get("type", "default"))
-        kind = {"su": "longrope"}.get(kind, kind)
-        if kind not in ROPE_TYPES:
-            raise UnsupportedModelError(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-        theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-        partial = float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
-        max_position = int(config.get("max_position_embeddings", 2048))
-        original = int(config.get("original_max_position_embeddings")
-                       or params.get("original_max_position_embeddings") or max_position)
-        factor = params.get("factor")
-        attention_factor = 1.0
-        if kind == "longrope":
-            factor = max_position / original if factor is None else float(factor)
-            attention_factor = params.get("attention_factor")
-            if attention_factor is None:
-                attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        elif kind in ("linear", "dynamic", "llama3") and factor is None:
-            raise UnsupportedModelError(f"rope type {kind!r} needs a 'factor'")
-        rope = cls(kind=kind, theta=theta, rotary_dim=int(head_dim * partial), max_position=max_position,
-                   factor=float(factor or 1.0),
-                   low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-                   high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                   original_max_position=original,
-                   short_factor=tuple(params.get("short_factor") or ()),
-                   long_factor=tuple(params.get("long_factor") or ()),
-                   attention_factor=float(attention_factor))
-        if kind == "longrope" and not (len(rope.short_factor) == len(rope.long_factor) == rope.rotary_dim // 2):
-            raise UnsupportedModelError(f"longrope factors must have {rope.rotary_dim // 2} entries each")
-        return rope
-
-    def context_length(self, max_position: int) -> int:
-        """Dynamic NTK is made to run past max_position_embeddings, by its factor."""
-        return int(max_position * self.factor) if self.kind == "dynamic" else max_position
-
-    def base_inv_freq(self) -> np.ndarray:
-        """[rotary_dim/2] float32 frequencies before any length-dependent scaling."""
-        exponents = np.arange(0, self.rotary_dim, 2, dtype=np.int64).astype(np.float32) / self.rotary_dim
-        inv = (1.0 / (np.float32(self.theta) ** exponents)).astype(np.float32)
-        if self.kind == "linear":
-            return inv / np.float32(self.factor)
-        if self.kind == "llama3":
-            low_wavelen = self.original_max_position / self.low_freq_factor
-            high_wavelen = self.original_max_position / self.high_freq_factor
-            wavelen = 2 * math.pi / inv
-            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
-            smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
-                self.high_freq_factor - self.low_freq_factor)
-            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
-            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-            return np.where(medium, smoothed, scaled).astype(np.float32)
-        return inv
-
-    def inv_freq(self, seq_len: jax.Array) -> jax.Array:
-        """[B, rotary_dim/2] frequencies for rows whose longest position is ``seq_len - 1``.
-
-        Dynamic NTK and longrope depend on the length, per row, as transformers
-        recomputes them per forward call from the largest position id.
-        """
-        batch = seq_len.shape[0]
-        base = jnp.asarray(self.base_inv_freq())
-        if self.kind == "dynamic":
-            dim = self.rotary_dim
-            length = jnp.maximum(seq_len, self.max_position).astype(jnp.float32)[:, None]
-            theta = self.theta * ((self.factor * length / self.max_position) - (self.factor - 1)) ** (dim / (dim - 2))
-            exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
-            return 1.0 / theta ** exponents[None, :]
-        if self.kind == "longrope":
-            short = jnp.asarray(self.short_factor, jnp.float32)
-            long = jnp.asarray(self.long_factor, jnp.float32)
-            ext = jnp.where((seq_len > self.original_max_position)[:, None], long[None], short[None])
-            return 1.0 / (ext * (1.0 / base)[None, :])
-        return jnp.broadcast_to(base[None, :], (batch, base.shape[0]))
-
-    def cos_sin(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """cos, sin [B, T, rotary_dim] (float32) for positions [B, T] (-1 = padding)."""
-        seq_len = jnp.max(positions, axis=1) + 1
-        freqs = positions.astype(jnp.float32)[:, :, None] * self.inv_freq(seq_len)[:, None, :]
-        angles = jnp.concatenate([freqs, freqs], axis=-1)
-        return jnp.cos(angles) * self.attention_factor, jnp.sin(angles) * self.attention_factor
+def rope_cos_sin(rope: Rope, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, rotary_dim] (float32) for positions [B, T] (-1 = padding)."""
+    seq_len = jnp.max(positions, axis=1) + 1
+    freqs = positions.astype(jnp.float32)[:, :, None] * rope_inv_freq(rope, seq_len)[:, None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles) * rope.attention_factor, jnp.sin(angles) * rope.attention_factor
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -313,19 +297,19 @@ def _cache_mix(probs: jax.Array, values: jax.Array) -> jax.Array:
 def rotary_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
     cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array, *,
-    heads: int, kv_heads: int, head_dim: int, scale: float, window: int | None = None,
-    q_norm: Any = None, k_norm: Any = None,
+    scale: float, window: int | None = None, q_norm: Any = None, k_norm: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Projected q [B, T, N*H], k, v [B, T, K*H] -> split heads, optional per-head q/k
-    norm, rotary, then ``cached_attention``. The body every rotary family shares."""
-    B, T, _ = q.shape
-    q = q.reshape(B, T, heads, head_dim)                                     # [B, T, N, H]
-    k = k.reshape(B, T, kv_heads, head_dim)                                  # [B, T, K, H]
-    v = v.reshape(B, T, kv_heads, head_dim)
+    """q [B, T, N, H], k, v [B, T, K, H] -> optional per-head q/k norm, rotary, then
+    ``cached_attention``. The body every rotary family shares."""
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return cached_attention(q, k, v, cache_keys, cache_values, positions, scale=scale, window=window)
+
+
+def heads(x: jax.Array, count: int) -> jax.Array:
+    """[B, T, count * H] -> [B, T, count, H]."""
+    return x.reshape(x.shape[:2] + (count, x.shape[-1] // count))
 
 
 def last_valid(hidden: jax.Array, positions: jax.Array) -> jax.Array:
@@ -335,17 +319,6 @@ def last_valid(hidden: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 # --- shared by Phi, Mamba and BERT -------------------------------------------------
-
-@contextmanager
-def reading_config():
-    """Turn a missing key or a bad value in config.json into an UnsupportedModelError."""
-    try:
-        yield
-    except KeyError as e:
-        raise UnsupportedModelError(f"config.json lacks required key {e.args[0]!r}") from e
-    except (TypeError, ValueError) as e:
-        raise UnsupportedModelError(f"config.json has an invalid value: {e}") from e
-
 
 def run_layers(layers, x: jax.Array, positions: jax.Array, cos: jax.Array, sin: jax.Array,
                cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -11,19 +11,16 @@ one recurrence update, and memory stays constant however long the output grows.
 
 Right-padded batches: padding steps (positions -1) get dt = 0, which leaves the SSM
 state untouched, and the convolution state keeps each row's last *valid* inputs.
-Parameter names mirror the HF checkpoints (``backbone.*``, ``lm_head``).
+Parameter names mirror the HF checkpoints (``backbone.*``, ``lm_head``); the config and
+the checkpoint map are backend-free, in mrs/families/mamba.py.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mrs.archs.layers import (
@@ -32,61 +29,11 @@ from mrs.archs.layers import (
     RMSNorm,
     activation,
     last_valid,
-    reading_config,
+    param,
 )
 from mrs.cache import SSMCache, advance
-from mrs.errors import UnsupportedModelError
+from mrs.families.mamba import MODEL_TYPES, MambaConfig  # noqa: F401  (the family's config, re-exported)
 from mrs.kernels.scan import selective_scan
-
-MODEL_TYPES = ("mamba",)
-
-
-@dataclass(frozen=True)
-class MambaConfig:
-    """The subset of a Mamba config.json mrs reads; unknown keys are ignored."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    state_size: int
-    num_hidden_layers: int
-    conv_kernel: int
-    time_step_rank: int
-    layer_norm_epsilon: float = 1e-5
-    use_bias: bool = False
-    use_conv_bias: bool = True
-    hidden_act: str = "silu"
-    residual_in_fp32: bool = True
-    tie_word_embeddings: bool = True
-
-    @classmethod
-    def from_hf(cls, config: dict) -> MambaConfig:
-        if config.get("model_type") not in MODEL_TYPES:
-            raise UnsupportedModelError(f"model_type {config.get('model_type')!r} is not a Mamba-1 model")
-        with reading_config():
-            hidden = int(config["hidden_size"])
-            rank = config.get("time_step_rank", "auto")
-            kernel = int(config.get("conv_kernel", 4))
-            if kernel < 2:
-                raise UnsupportedModelError(f"conv_kernel {kernel} must be at least 2")
-            act = str(config.get("hidden_act", "silu"))
-            activation(act)   # fail at load, not at the first call
-            return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
-                # transformers derives it from expand and ignores a stored intermediate_size
-                intermediate_size=int(config.get("expand", 2) * hidden),
-                state_size=int(config.get("state_size", 16)),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                conv_kernel=kernel,
-                time_step_rank=math.ceil(hidden / 16) if rank == "auto" else int(rank),
-                layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)),
-                use_bias=bool(config.get("use_bias", False)),
-                use_conv_bias=bool(config.get("use_conv_bias", True)),
-                hidden_act=act,
-                residual_in_fp32=bool(config.get("residual_in_fp32", True)),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-            )
 
 
 class CausalConv1d(nnx.Module):
@@ -96,8 +43,8 @@ class CausalConv1d(nnx.Module):
     """
 
     def __init__(self, channels: int, kernel: int, *, bias: bool, dtype: Any):
-        self.weight = nnx.Param(jnp.zeros((channels, 1, kernel), dtype))
-        self.bias = nnx.Param(jnp.zeros((channels,), dtype)) if bias else None
+        self.weight = param((channels, 1, kernel), dtype, ("inner", "conv_group", "conv"))
+        self.bias = param((channels,), dtype, ("inner",)) if bias else None
 
     def __call__(self, x: jax.Array, state: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, T, E], state [B, K-1, E], valid [B] (non-padding steps) -> (y [B, T, E], new state)."""
@@ -116,19 +63,21 @@ class CausalConv1d(nnx.Module):
 class MambaMixer(nnx.Module):
     def __init__(self, cfg: MambaConfig, dtype: Any):
         D, E, N, R = cfg.hidden_size, cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
-        self.in_proj = Linear(D, 2 * E, bias=cfg.use_bias, dtype=dtype)
+        # in_proj [2, E, D]: x and z keep the inner axis whole (the checkpoint's [2E, D] splits at load)
+        self.in_proj = Linear(D, (2, E), bias=cfg.use_bias, dtype=dtype, axes=("xz", "inner", "embed"))
         self.conv1d = CausalConv1d(E, cfg.conv_kernel, bias=cfg.use_conv_bias, dtype=dtype)
-        self.x_proj = Linear(E, R + 2 * N, bias=False, dtype=dtype)
-        self.dt_proj = Linear(R, E, bias=True, dtype=dtype)
-        self.A_log = nnx.Param(jnp.zeros((E, N), dtype))
-        self.D = nnx.Param(jnp.zeros((E,), dtype))
-        self.out_proj = Linear(E, D, bias=cfg.use_bias, dtype=dtype)
+        self.x_proj = Linear(E, R + 2 * N, bias=False, dtype=dtype, axes=("dt_bc", "inner"))
+        self.dt_proj = Linear(R, E, bias=True, dtype=dtype, axes=("inner", "dt_rank"))
+        self.A_log = param((E, N), dtype, ("inner", "state"))
+        self.D = param((E,), dtype, ("inner",))
+        self.out_proj = Linear(E, D, bias=cfg.use_bias, dtype=dtype, axes=("embed", "inner"))
         self.act = activation(cfg.hidden_act)
         self.rank, self.state_size = R, N
 
     def __call__(self, x, valid, conv_state, ssm_state):
         """x [B, T, D], valid [B, T] -> (out [B, T, D], conv_state, ssm_state)."""
-        hidden, gate = jnp.split(self.in_proj(x), 2, axis=-1)                   # [B, T, E] each
+        xz = self.in_proj(x)                                                      # [B, T, 2, E]
+        hidden, gate = xz[..., 0, :], xz[..., 1, :]
         hidden, conv_state = self.conv1d(hidden, conv_state, jnp.sum(valid, axis=1))
         hidden = self.act(hidden)
         dt, B, C = jnp.split(self.x_proj(hidden), [self.rank, self.rank + self.state_size], axis=-1)
@@ -168,7 +117,7 @@ class MambaForCausalLM(nnx.Module):
         self.config = cfg
         self.backbone = MambaBody(cfg, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False,
-                                                                   dtype=dtype)
+                                                                   dtype=dtype, axes=("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: SSMCache, *, last_only: bool = False):
         cfg = self.config
@@ -194,13 +143,3 @@ class MambaForCausalLM(nnx.Module):
         """Constant-size state; ``max_len`` is only recorded (see ``SSMCache.init``)."""
         return SSMCache.init(cfg.num_hidden_layers, slots, cfg.conv_kernel, cfg.intermediate_size,
                              cfg.state_size, dtype, max_len)
-
-
-def rename(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
-    """Older checkpoints call the embeddings ``backbone.embedding``; transformers renames them too."""
-    yield name.replace("backbone.embedding.", "backbone.embeddings."), array
-
-
-def ignored(name: str) -> bool:
-    """Checkpoint tensors that are tied copies, not weights."""
-    return name == "lm_head.weight"

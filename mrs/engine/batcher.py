@@ -26,13 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mrs.constrain import JsonConstraint, constraint_for
 from mrs.engine.generate import Completion, RowOutput, allowed_rows
-from mrs.engine.steps import MIN_PROMPT_BUCKET, Steps, bucket
+from mrs.engine.shapes import MIN_PROMPT_BUCKET, bucket
 from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
 from mrs.sampling import MAX_NUM_TOP, SamplingParams
 
@@ -106,45 +104,20 @@ class _Active:
         return not self.finished and not self.request.cancelled
 
 
-@jax.jit
-def _put_row(array: jax.Array, index: jax.Array, row: jax.Array) -> jax.Array:
-    """array[index] = row[0] (index traced, so no slot ever recompiles).
-
-    Not donated: the next tokens array is also the in-flight step's result, read later.
-    """
-    return array.at[index].set(row[0])
-
-
-_STEPS: dict[Any, Steps] = {}
-_STEPS_LOCK = threading.Lock()
-
-
-def shared_steps(model: Any, num_top: int) -> Steps:
-    """Compiled steps shared by models of the same graph and config (e.g. copies)."""
-    try:
-        key = (model.graphdef, model.config, str(model.dtype), num_top)
-        hash(key)
-    except TypeError:
-        return Steps(model, num_top=num_top)
-    with _STEPS_LOCK:
-        if key not in _STEPS:
-            _STEPS[key] = Steps(model, num_top=num_top)
-        return _STEPS[key]
-
-
 class Batcher:
     """The decode loop of one model over ``slots`` cache rows of ``max_len`` tokens."""
 
     def __init__(self, model: Any, *, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
                  num_top: int = MAX_NUM_TOP):
-        if model.arch.kind != "causal":
-            raise MrsError(f"model {model.name} is an {model.arch.kind} model and cannot generate")
+        if model.family.kind != "causal":
+            raise MrsError(f"model {model.name} is an {model.family.kind} model and cannot generate")
         self.model = model
         self.slots = int(slots)
         self.max_len = int(min(max_len or model.context_length, model.context_length))
         self.max_queue = int(max_queue)
         self.num_top = num_top
-        self.steps = shared_steps(model, num_top)
+        self.runner = model.runner
+        self.steps = model.runner.steps(num_top)
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
         self._rows: list[_Active | None] = [None] * self.slots
@@ -224,7 +197,7 @@ class Batcher:
             busy = sum(1 for r in self._rows if r is not None)
             return {"slots": self.slots, "busy": busy, "queued": len(self._pending),
                     "requests": self.requests_total, "tokens": self.tokens_total,
-                    "compiled": self.steps.compiled_count() + _put_row._cache_size() + len(self._prefills)}
+                    "compiled": self.steps.compiled_count()}
 
     @property
     def idle(self) -> bool:
@@ -254,10 +227,11 @@ class Batcher:
     def _reset(self) -> None:
         """Fresh device state: cache, per-row sampling, history, next tokens."""
         B, S = self.slots, self.max_len
-        self.cache = self.model.init_cache(B, S)
-        self.sampling = SamplingParams.stack([SamplingParams.make(temperature=0, seed=0)] * B)
-        self.history = jnp.full((B, S), -1, jnp.int32)
-        self.tokens = jnp.zeros((B,), jnp.int32)
+        self.cache = self.runner.new_cache(B, S)
+        self.sampling_rows = SamplingParams.stack([SamplingParams.make(temperature=0, seed=0)] * B)
+        self.sampling = self.steps.sampling(self.sampling_rows)
+        self.history = self.steps.history(np.full((B, S), -1, np.int32))
+        self.tokens = self.steps.tokens(np.zeros((B,), np.int32))
         self.step = np.zeros((B,), np.int32)
         self._inflight = None
 
@@ -306,19 +280,15 @@ class Batcher:
         for i, _ in live:
             active[i] = True
             self.step[i] += 1
-        allowed = allowed_rows(self.steps, [r.row if r is not None and r.live else None for r in self._rows])
+        allowed = allowed_rows(self.model.vocab_size, [r.row if r is not None and r.live else None for r in self._rows])
         result, self.cache, self.history = self.steps.decode(
-            self.model.params, self.tokens, self.cache, self.sampling, self.history, self.step.copy(), active,
-            allowed)
+            self.cache, self.tokens, self.sampling, self.history, self.step.copy(), active, allowed)
         self.tokens = result.tokens
         return result, live
 
     def _deliver(self, result, rows: list[tuple[int, _Active]]) -> None:
-        tokens = np.asarray(result.tokens)
-        logprobs = np.asarray(result.logprobs)
         want_top = any(r.request.logprobs for _, r in rows)
-        top_ids = np.asarray(result.top_ids) if want_top else None
-        top_lps = np.asarray(result.top_logprobs) if want_top else None
+        tokens, logprobs, top_ids, top_lps = result.read(top=want_top)
         for i, active in rows:
             if active.live:
                 top = (top_ids[i], top_lps[i]) if want_top else None
@@ -396,11 +366,7 @@ class Batcher:
     def _compile_prefill(self, width: int) -> None:
         """Compile prefill_slot for prompts of ``width`` tokens (helper thread)."""
         try:
-            spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (
-                self.model.params, np.zeros((1, width), np.int32), np.zeros((1, width), np.int32), self.cache,
-                np.int32(0), jax.tree_util.tree_map(lambda x: x[:1], self.sampling),
-                np.zeros((1, self.max_len), np.int32), np.zeros((1,), np.int32), self.steps.all_allowed(1)))
-            compiled = self.steps.prefill_slot.lower(*spec).compile()
+            compiled = self.steps.prefill_slot(width, self.cache)
         except Exception as e:  # reported to the requests that needed it
             log.exception("compiling prefill of %s for %d tokens failed", self.model.name, width)
             failed = e
@@ -432,18 +398,18 @@ class Batcher:
                         request.constraint)
         active = _Active(request, row, time.perf_counter())
         result, self.cache = self._prefills[width](
-            self.model.params, tokens, positions, self.cache, np.int32(slot), request.sampling, history,
-            np.zeros((1,), np.int32), allowed_rows(self.steps, [row]))
-        self.sampling = self.sampling.replace_row(slot, request.sampling)
-        self.history = _put_row(self.history, np.int32(slot), history)
-        self.tokens = _put_row(self.tokens, np.int32(slot), result.tokens)
+            self.cache, tokens, positions, slot, request.sampling, history, np.zeros((1,), np.int32),
+            allowed_rows(self.model.vocab_size, [row]))
+        self.sampling_rows = self.sampling_rows.replace_row(slot, request.sampling)
+        self.sampling = self.steps.sampling(self.sampling_rows)
+        self.history = self.steps.put_row(self.history, slot, history)
+        self.tokens = self.steps.put_row(self.tokens, slot, result.tokens)
         self.step[slot] = 0
         with self._cond:
             self._rows[slot] = active
-        top = None
-        if request.logprobs:
-            top = (np.asarray(result.top_ids)[0], np.asarray(result.top_logprobs)[0])
-        self._take(active, int(np.asarray(result.tokens)[0]), float(np.asarray(result.logprobs)[0]), top)
+        sampled = result.read(top=request.logprobs)
+        top = (sampled.top_ids[0], sampled.top_logprobs[0]) if request.logprobs else None
+        self._take(active, int(sampled.tokens[0]), float(sampled.logprobs[0]), top)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:

@@ -1,5 +1,5 @@
 """generate(), stream() and generate_batch(): one prompt or a static batch, from
-prompt to finished text, over the model's compiled prefill/decode steps.
+prompt to finished text, over the backend's prefill/decode steps (mrs/backends).
 
 A step is dispatched before the previous step's tokens are read back, so the host
 work of a step (detokenising, stop checks) overlaps the device work of the next.
@@ -7,18 +7,15 @@ work of a step (detokenising, stop checks) overlaps the device work of the next.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from mrs.cache import step_positions
 from mrs.constrain import JsonConstraint, constraint_for
-from mrs.engine.steps import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket
+from mrs.engine.shapes import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket, step_positions
 from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
 from mrs.sampling import SamplingParams
 from mrs.tokenizer import StreamDecoder
@@ -137,13 +134,14 @@ class RowOutput:
         return piece
 
 
-def allowed_rows(steps: Any, rows: Sequence[RowOutput | None]) -> Any:
-    """The [B, V] mask of a step: each constrained row's tokens, everything elsewhere."""
+def allowed_rows(vocab_size: int, rows: Sequence[RowOutput | None]) -> np.ndarray | None:
+    """The [B, V] mask of a step: each constrained row's tokens, everything elsewhere
+    (None when no row is constrained)."""
     masks = [r.allowed() if r is not None and r.finish is None else None for r in rows]
     if all(m is None for m in masks):
-        return steps.all_allowed(len(rows))
-    everything = np.ones((steps.vocab_size,), bool)
-    return jnp.asarray(np.stack([everything if m is None else m for m in masks]))
+        return None
+    everything = np.ones((vocab_size,), bool)
+    return np.stack([everything if m is None else m for m in masks])
 
 
 def _sampling_rows(count: int, sampling: dict) -> SamplingParams:
@@ -179,15 +177,16 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
         raise InvalidParameterError("max_tokens", max_tokens, "an integer >= 1")
     if not prompts:
         raise InvalidParameterError("prompts", prompts, "a non-empty list")
-    if model.arch.kind != "causal":
-        raise MrsError(f"model {model.name} is an {model.arch.kind} model: it embeds text but cannot generate; "
+    if model.family.kind != "causal":
+        raise MrsError(f"model {model.name} is an {model.family.kind} model: it embeds text but cannot generate; "
                        "use `mrs embed` / mrs.embed()")
     stops = _stop_strings(stop)
     params = _sampling_rows(len(prompts), sampling)
     encoded = [encode_prompt(model, p, system) for p in prompts]
     batch = len(encoded)
     longest = max(len(ids) for ids in encoded)
-    context = model.context_length if cache is None else min(model.context_length, cache_max_len(cache))
+    runner = model.runner
+    context = model.context_length if cache is None else min(model.context_length, runner.cache_max_len(cache))
     if longest >= context:
         raise ContextLengthError(f"prompt of {longest} tokens does not fit the context of {context} tokens "
                                  "(leaving room for at least one new token)")
@@ -200,23 +199,24 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
         cache = model.init_cache(batch, bucket(needed, MIN_CACHE_BUCKET, context))
         reuse = [0] * batch
     reuse = [min(int(k), len(ids) - 1) for k, ids in zip(reuse or [0] * batch, encoded)]
-    max_len = cache_max_len(cache)
+    max_len = runner.cache_max_len(cache)
     width = bucket(max(len(ids) - k for ids, k in zip(encoded, reuse)), MIN_PROMPT_BUCKET, max_len)
     tokens = np.zeros((batch, width), np.int32)
     history = np.full((batch, max_len), -1, np.int32)
     for b, (ids, k) in enumerate(zip(encoded, reuse)):
         tokens[b, :len(ids) - k] = ids[k:]
         history[b, max_len - len(ids):] = ids
-    starts = jnp.asarray(reuse, jnp.int32)
-    cache = dataclasses.replace(cache, lengths=starts)
-    positions = step_positions(starts, jnp.asarray([len(ids) for ids in encoded], jnp.int32) - starts, width)
-    steps = model.steps
+    starts = np.asarray(reuse, np.int32)
+    cache = runner.with_lengths(cache, starts)
+    positions = step_positions(starts, np.asarray([len(ids) for ids in encoded], np.int32) - starts, width)
+    steps = runner.steps(0)
     started = time.perf_counter()
     step = np.zeros((batch,), np.int32)   # host arrays: no device op per step to count them
-    history = jnp.asarray(history)
-    current, cache = steps.prefill(model.params, jnp.asarray(tokens), positions, cache, params, history, step,
-                                   allowed_rows(steps, rows))
-    current.tokens.block_until_ready()
+    history = steps.history(history)
+    sampling_rows = steps.sampling(params)
+    current, cache = steps.prefill(cache, tokens, positions, sampling_rows, history, step,
+                                   allowed_rows(model.vocab_size, rows))
+    current.read()
     all_sampled: list[list[int]] = [[] for _ in range(batch)]
     prefill_done = time.perf_counter()
 
@@ -224,8 +224,8 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
         nonlocal step, cache, history
         step = step + 1
         active = np.array([r.finish is None for r in rows])
-        pending, cache, history = steps.decode(model.params, current.tokens, cache, params, history, step, active,
-                                               allowed_rows(steps, rows))
+        pending, cache, history = steps.decode(cache, current.tokens, sampling_rows, history, step, active,
+                                               allowed_rows(model.vocab_size, rows))
         return pending
 
     for n in range(new_tokens):
@@ -235,7 +235,7 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
             # Dispatch the next step before reading this one back: host and device overlap.
             # (Not when a row is constrained: its next mask depends on this step's token.)
             pending = dispatch()
-        sampled, logprobs = np.asarray(current.tokens), np.asarray(current.logprobs)
+        sampled, logprobs = current.read()[:2]
         for b, row in enumerate(rows):
             if row.finish is None:
                 all_sampled[b].append(int(sampled[b]))
@@ -255,11 +255,6 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
                                 completion_tokens=len(r.ids), prompt_seconds=prefill_done - started,
                                 decode_seconds=finished - prefill_done, logprobs=r.logprobs) for r in rows],
         cache=cache, sampled=all_sampled)
-
-
-def cache_max_len(cache: Any) -> int:
-    """How many positions a cache was planned for (KV and SSM caches both record it)."""
-    return int(cache.max_len)
 
 
 def generate_batch(model: Any, prompts: Sequence[Prompt], **options: Any) -> list[Completion]:

@@ -63,7 +63,7 @@ class Loaded:
 
     @property
     def kind(self) -> str:
-        return self.model.arch.kind
+        return self.model.family.kind
 
     @property
     def size_bytes(self) -> int:
@@ -152,7 +152,7 @@ class ModelManager:
         started = time.perf_counter()
         model = loader(path, dtype=self.dtype, device=self.device, home=self.home)
         batcher = None
-        if model.arch.kind == "causal":
+        if model.family.kind == "causal":
             batcher = Batcher(model, slots=self.slots, max_len=self.max_context, max_queue=self.max_queue).start()
             if self.warmup:
                 try:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from mrs.cache import KVCache
 from mrs.engine.generate import Completion, RunResult, run
 from mrs.errors import MrsError
 
@@ -59,7 +58,8 @@ class ChatSession:
             raise MrsError(f"the conversation ({len(target)} tokens) no longer fits the context of "
                            f"{self.max_len}; use /clear or start a new chat")
         reuse = common_prefix(self._cached, target) if self._cache is not None else 0
-        if not isinstance(self._cache, KVCache) and (reuse != len(self._cached) or reuse >= len(target)):
+        rewinds = self._cache is not None and self.model.runner.rewindable(self._cache)
+        if not rewinds and (reuse != len(self._cached) or reuse >= len(target)):
             reuse = 0  # recurrent state cannot rewind: start over
         if self._cache is None or reuse == 0:
             self._cache = self.model.init_cache(1, self.max_len)
@@ -73,11 +73,11 @@ class ChatSession:
                 else:
                     yield event[1]
         finally:
-            if result is None:  # interrupted or failed: the cache was handed to JAX mid-turn
+            if result is None:  # interrupted or failed: the cache was handed to the backend mid-turn
                 self.reset()
         assert result is not None
         self._cache, self.last = result.cache, result.completions[0]
-        held = int(np.asarray(result.cache.lengths)[0])
+        held = int(self.model.runner.cache_lengths(result.cache)[0])
         self._cached = (target + result.sampled[0])[:held]
         if self.model.tokenizer.decode(self.last.token_ids) == self.last.text:
             self._text, self._ids = rendered + self.last.text, target + self.last.token_ids

@@ -19,10 +19,9 @@ from sanic.response import HTTPResponse, text
 
 import mrs
 from mrs import store
-from mrs.archs import resolve as resolve_arch
 from mrs.engine.models import Loaded, resolve_name
 from mrs.errors import InvalidParameterError, MrsError
-from mrs.model import read_json
+from mrs.families import resolve as resolve_family
 from mrs.server import embeddings
 from mrs.server.common import (
     Generation,
@@ -48,6 +47,7 @@ from mrs.server.schemas import (
     ollama_options,
     parse_body,
 )
+from mrs.store import read_json
 from mrs.tokenizer import Tokenizer
 
 NDJSON = "application/x-ndjson"
@@ -323,7 +323,7 @@ def _show(manager, name: str) -> dict:
     gen_path = path / "generation_config.json"
     generation = read_json(gen_path) if gen_path.is_file() else {}
     try:
-        kind = resolve_arch(config)[0].kind
+        kind = resolve_family(config)[0].kind
     except MrsError:
         kind = None
     arch = info.get("model_type") or "unknown"
@@ -367,7 +367,7 @@ async def ps(request: Request) -> HTTPResponse:
     out = []
     for loaded in manager.loaded():
         info = loaded.info or {"name": loaded.name}
-        on_gpu = getattr(loaded.model.device, "platform", "cpu") != "cpu"
+        on_gpu = loaded.model.runner.on_accelerator
         entry = {"name": loaded.name, "model": loaded.name, "size": loaded.size_bytes,
                  "digest": _bare_digest(info), "details": _details(info), "expires_at": rfc3339(loaded.expires_at),
                  "size_vram": loaded.size_bytes if on_gpu else 0,

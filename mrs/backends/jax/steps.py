@@ -1,0 +1,207 @@
+"""Jitted steps over (params, cache): forward for research, prefill and decode for
+generation, with sampling fused in so a step returns tokens, not logits.
+
+Shapes are the only static inputs: batch (slots), prompt bucket, cache length and
+the history window. Sampling values are arrays, so new values never recompile. The
+cache is donated, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mrs.backends import Sampled
+from mrs.backends.jax.sampling import SampleResult, SamplingParams, sample
+from mrs.cache import put_slots, take_slots
+
+
+def bind(graphdef: Any, params: dict) -> nnx.Module:
+    """The Flax module for a graphdef and a pure param dict (inside or outside jit)."""
+    return nnx.merge(graphdef, nnx.State(params))
+
+
+def push_history(history: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Append tokens [B] to the right-aligned history window [B, W]."""
+    return jnp.concatenate([history[:, 1:], tokens[:, None].astype(history.dtype)], axis=1)
+
+
+def compiler_options(device: jax.Device) -> dict[str, Any]:
+    """XLA options for the steps on this device.
+
+    On CPU, XLA's default copy insertion copies a donated cache layer that a step
+    both reads (attention) and updates in place (the new position): up to four
+    full-cache copies per layer per step. Region analysis proves the in-place update
+    safe and drops those copies.
+    """
+    if device.platform == "cpu":
+        return {"xla_cpu_copy_insertion_use_region_analysis": True}
+    return {}
+
+
+class CompiledSteps:
+    """The jitted functions of one model graph (shared by every model of that graph and
+    config, e.g. copies), taking the params as their first argument."""
+
+    def __init__(self, graphdef: Any, device: jax.Device, vocab_size: int, num_top: int = 0):
+        self.num_top = num_top
+        self.device, self.vocab_size = device, vocab_size
+        self._everything: dict[int, jax.Array] = {}
+
+        def forward(params, tokens, positions, cache):
+            """All-position logits [B, T, V] (float32) and the updated cache."""
+            logits, cache = bind(graphdef, params)(tokens, positions, cache)
+            return logits.astype(jnp.float32), cache
+
+        def prefill(params, tokens, positions, cache, sampling: SamplingParams, history, step, allowed):
+            """Run prompts [B, T] (positions -1 = padding) and sample each row's first token
+            among the ``allowed`` [B, V] ones (see ``all_allowed``; constrained decoding)."""
+            logits, cache = bind(graphdef, params)(tokens, positions, cache, last_only=True)
+            return sample(logits[:, 0], sampling, history, step, num_top=num_top, allowed=allowed), cache
+
+        def prefill_slot(params, tokens, positions, cache, slot, sampling: SamplingParams, history, step, allowed):
+            """Prefill one new request [1, T] into cache slot ``slot`` (its old state cleared)."""
+            fresh = jax.tree_util.tree_map(jnp.zeros_like, take_slots(cache, slot[None]))
+            result, fresh = prefill(params, tokens, positions, fresh, sampling, history, step, allowed)
+            return result, put_slots(cache, slot[None], fresh)
+
+        def decode(params, tokens, cache, sampling: SamplingParams, history, step, active, allowed):
+            """Feed each active row's last token [B] at its own position; sample the next
+            among the ``allowed`` [B, V] tokens.
+
+            Inactive rows (free slots, finished requests) write nothing and keep their length.
+            """
+            positions = jnp.where(active, cache.lengths, -1)[:, None]
+            logits, cache = bind(graphdef, params)(tokens[:, None], positions, cache)
+            history = push_history(history, tokens)
+            result: SampleResult = sample(logits[:, 0], sampling, history, step, num_top=num_top, allowed=allowed)
+            return result, cache, history
+
+        options = compiler_options(device)
+        self.forward = jax.jit(forward, donate_argnums=(3,), compiler_options=options)
+        self.prefill = jax.jit(prefill, donate_argnums=(3,), compiler_options=options)
+        self.prefill_slot = jax.jit(prefill_slot, donate_argnums=(3,), compiler_options=options)
+        self.decode = jax.jit(decode, donate_argnums=(2, 4), compiler_options=options)
+
+    def all_allowed(self, batch: int) -> jax.Array:
+        """A [batch, vocab] all-true mask, for steps where no row is constrained."""
+        if batch not in self._everything:
+            with jax.default_device(self.device):
+                self._everything[batch] = jnp.ones((batch, self.vocab_size), bool)
+        return self._everything[batch]
+
+    def compiled_count(self) -> int:
+        """How many distinct compilations these steps hold (for no-recompile tests)."""
+        return sum(f._cache_size() for f in (self.forward, self.prefill, self.prefill_slot, self.decode))
+
+
+@jax.jit
+def _put_row(array: jax.Array, index: jax.Array, row: jax.Array) -> jax.Array:
+    """array[index] = row[0] (index traced, so no slot ever recompiles).
+
+    Not donated: the next tokens array is also the in-flight step's result, read later.
+    """
+    return array.at[index].set(row[0])
+
+
+class JaxPending:
+    """A dispatched step's SampleResult; ``read`` waits for it (once) and brings it to numpy."""
+
+    def __init__(self, result: SampleResult):
+        self.result = result
+        self.tokens = result.tokens
+        self._read: Sampled | None = None
+
+    def read(self, top: bool = False) -> Sampled:
+        if self._read is None or (top and self._read.top_ids.shape[1] != self.result.top_ids.shape[1]):
+            r = self.result
+            none = np.zeros((r.tokens.shape[0], 0))
+            self._read = Sampled(np.asarray(r.tokens), np.asarray(r.logprobs),
+                                 np.asarray(r.top_ids) if top else none.astype(np.int32),
+                                 np.asarray(r.top_logprobs) if top else none.astype(np.float32))
+        return self._read
+
+
+_SHARED: dict[Any, CompiledSteps] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_steps(graphdef: Any, config: Any, dtype: Any, device: jax.Device, vocab_size: int,
+                 num_top: int) -> CompiledSteps:
+    """Compiled steps shared by models of the same graph, config and dtype (e.g. copies)."""
+    try:
+        key = (graphdef, config, str(dtype), device, num_top)
+        hash(key)
+    except TypeError:
+        return CompiledSteps(graphdef, device, vocab_size, num_top)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = CompiledSteps(graphdef, device, vocab_size, num_top)
+        return _SHARED[key]
+
+
+class JaxSteps:
+    """The backend protocol's Steps (mrs/backends) over one model's params and CompiledSteps."""
+
+    def __init__(self, compiled: CompiledSteps, params: Any):
+        self.compiled, self.params = compiled, params
+        self.vocab_size = compiled.vocab_size
+        self._prefill_slots: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def _device(self, x: Any) -> jax.Array:
+        with jax.default_device(self.compiled.device):
+            return jnp.asarray(x)
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        return jax.tree.map(self._device, params)
+
+    def history(self, history: np.ndarray) -> jax.Array:
+        return self._device(np.asarray(history, np.int32))
+
+    def tokens(self, tokens: np.ndarray) -> jax.Array:
+        return self._device(np.asarray(tokens, np.int32))
+
+    def _allowed(self, allowed: np.ndarray | None, batch: int) -> jax.Array:
+        return self.compiled.all_allowed(batch) if allowed is None else self._device(allowed)
+
+    def prefill(self, cache, tokens, positions, sampling, history, step, allowed):
+        result, cache = self.compiled.prefill(self.params, tokens, positions, cache, sampling, history, step,
+                                              self._allowed(allowed, np.shape(tokens)[0]))
+        return JaxPending(result), cache
+
+    def prefill_slot(self, width: int, cache: Any):
+        compiled, params = self.compiled, self.params
+        max_len = int(cache.max_len)
+        row = SamplingParams.make(temperature=0, seed=0)
+        spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (
+            params, np.zeros((1, width), np.int32), np.zeros((1, width), np.int32), cache, np.int32(0), row,
+            np.zeros((1, max_len), np.int32), np.zeros((1,), np.int32), compiled.all_allowed(1)))
+        executable = compiled.prefill_slot.lower(*spec).compile()
+        with self._lock:
+            self._prefill_slots[(width, max_len)] = executable
+
+        def run(cache, tokens, positions, slot, sampling, history, step, allowed):
+            result, cache = executable(params, tokens, positions, cache, np.int32(slot), sampling, history, step,
+                                       self._allowed(allowed, 1))
+            return JaxPending(result), cache
+
+        return run
+
+    def decode(self, cache, tokens, sampling, history, step, active, allowed):
+        result, cache, history = self.compiled.decode(self.params, tokens, cache, sampling, history, step, active,
+                                                      self._allowed(allowed, np.shape(active)[0]))
+        return JaxPending(result), cache, history
+
+    def put_row(self, array: jax.Array, slot: int, row: Any) -> jax.Array:
+        return _put_row(array, np.int32(slot), row)
+
+    def compiled_count(self) -> int:
+        with self._lock:
+            ahead = len(self._prefill_slots)
+        return self.compiled.compiled_count() + _put_row._cache_size() + ahead
