@@ -54,8 +54,15 @@ def param(shape: tuple[int, ...], dtype: Any, axes: tuple[str, ...], fill: float
 # --- parameters in Hugging Face layout, so checkpoint names map 1:1 -----------------
 
 def project(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x [..., D] . weight [*O, D] -> [..., *O]: the dense projection every Linear runs."""
-    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (weight.ndim - 1,)), ((), ())))
+    """x [..., D] . weight [*O, D] -> [..., *O]: the dense projection every Linear runs.
+
+    The weight is contracted as the 2-D [prod(O), D] matrix it is in memory (a free
+    reshape): given the N-D weight, XLA's CPU backend transposes it into a fresh copy on
+    every call, which costs a decode step three times its time.
+    """
+    out = weight.shape[:-1]
+    y = jnp.einsum("...i,oi->...o", x, weight.reshape(-1, weight.shape[-1]))
+    return y.reshape(y.shape[:-1] + out)
 
 
 class Linear(nnx.Module):
@@ -232,7 +239,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def cached_attention(
     q: jax.Array, k: jax.Array, v: jax.Array,
     cache_keys: jax.Array, cache_values: jax.Array,
-    positions: jax.Array, *, scale: float, window: int | None = None,
+    positions: jax.Array, *, scale: float, window: int | None = None, softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attend q [B, T, N, H] causally over the layer cache (keys [B, K, S, H], values
     [B, K, H, S]) plus this step's k, v [B, T, K, H], then write k, v into the cache at
@@ -261,6 +268,8 @@ def cached_attention(
     old_scores = _cache_scores(q, cache_keys.astype(q.dtype))                  # [B, K, T, G, S]
     new_scores = jnp.einsum("BTKGH,BUKH->BKTGU", q, k)
     scores = jnp.concatenate([old_scores, new_scores], axis=-1).astype(jnp.float32) * scale
+    if softcap is not None:   # Gemma 2: scores squashed into (-cap, cap) before the mask
+        scores = jnp.tanh(scores / softcap) * softcap
     visible = jnp.concatenate([jnp.broadcast_to(seen, (batch, steps, max_len)), fresh], axis=-1)
     scores = jnp.where(visible[:, None, :, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -297,14 +306,15 @@ def _cache_mix(probs: jax.Array, values: jax.Array) -> jax.Array:
 def rotary_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
     cache_keys: jax.Array, cache_values: jax.Array, positions: jax.Array, *,
-    scale: float, window: int | None = None, q_norm: Any = None, k_norm: Any = None,
+    scale: float, window: int | None = None, q_norm: Any = None, k_norm: Any = None, softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [B, T, N, H], k, v [B, T, K, H] -> optional per-head q/k norm, rotary, then
     ``cached_attention``. The body every rotary family shares."""
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return cached_attention(q, k, v, cache_keys, cache_values, positions, scale=scale, window=window)
+    return cached_attention(q, k, v, cache_keys, cache_values, positions, scale=scale, window=window,
+                            softcap=softcap)
 
 
 def heads(x: jax.Array, count: int) -> jax.Array:
