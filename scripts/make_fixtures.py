@@ -352,6 +352,37 @@ SPECS: dict[str, Spec] = {
         hub_config=v4_rope(old_type_key=True),
         long_logits_len=48,
     ),
+    "gemma": Spec(
+        "Gemma: embeddings x sqrt(hidden), (1 + w) RMSNorm, GeGLU, head_dim 32, tied, GQA 4q/2kv",
+        "GemmaConfig",
+        "GemmaForCausalLM",
+        dict(LLAMA, head_dim=32, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True),
+        seed=0,
+    ),
+    "gemma2": Spec(
+        "Gemma 2: sandwich norms, attention soft-cap 10 and final soft-cap 20 (both bite), "
+        "query_pre_attn_scalar 24, sliding window 16 on layer 0 of 2, head_dim 16",
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(LLAMA, head_dim=16, sliding_window=16, query_pre_attn_scalar=24, attn_logit_softcapping=10.0,
+             final_logit_softcapping=20.0, tie_word_embeddings=True),
+        seed=7,
+        embed_std=0.05,
+    ),
+    "gemma3": Spec(
+        "Gemma 3 text: per-head q/k norms, local (window 16, rope theta 1e4) and global (linear "
+        "rope factor 2, theta 1e6) layers from per-layer-type rope_parameters, 3 layers",
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(LLAMA, head_dim=16, num_hidden_layers=3, sliding_window=16, query_pre_attn_scalar=16,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                              "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}},
+             tie_word_embeddings=True),
+        seed=4,
+        embed_std=0.05,
+        matrix_std=0.25,
+    ),
     "mamba": Spec(
         "Mamba-1: state_size 8, conv_kernel 4, expand 2, tied embeddings (slow torch path)",
         "MambaConfig",

@@ -1,5 +1,5 @@
-"""Llama-family parity with transformers: logits and greedy tokens, from golden files
-that scripts/make_fixtures.py records with transformers on the same weights."""
+"""Llama-family and Gemma parity with transformers: logits and greedy tokens, from golden
+files that scripts/make_fixtures.py records with transformers on the same weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import mrs
 
 LLAMA_FAMILY = ["llama", "llama3", "llama-linear", "llama-dynamic", "mistral", "granite", "qwen2", "qwen3",
-                "llama-sharded"]
+                "llama-sharded", "gemma", "gemma2", "gemma3"]
 LOGITS_TOLERANCE = 1e-4
 NEW_TOKENS = 64
 
@@ -58,3 +58,20 @@ def test_both_config_dialects_are_read(fixture_path):
     v4 = json.loads((fixture_path("llama3") / "config.json").read_text())
     assert "rope_parameters" in v5 and "rope_scaling" not in v5
     assert "rope_scaling" in v4 and "rope_theta" in v4 and "rope_parameters" not in v4
+
+
+def test_gemma3_reads_both_config_dialects_alike(fixture_path):
+    """Per-layer-type rope_parameters (transformers 5) and rope_theta + rope_local_base_freq +
+    rope_scaling (4.x) describe the same model."""
+    import json
+
+    from mrs.families.gemma import GemmaConfig
+
+    v5 = json.loads((fixture_path("gemma3") / "config.json").read_text())
+    full, local = v5["rope_parameters"]["full_attention"], v5["rope_parameters"]["sliding_attention"]
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    v4.update(rope_theta=full["rope_theta"], rope_local_base_freq=local["rope_theta"],
+              rope_scaling={"rope_type": full["rope_type"], "factor": full["factor"]})
+    a, b = GemmaConfig.from_hf(v5), GemmaConfig.from_hf(v4)
+    assert a == b and a.rope != a.local_rope and a.rope.kind == "linear" and a.local_rope.theta == local["rope_theta"]
+    assert a.sliding_windows == (16, None, 16)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mrs.archs import bert, llama, mamba, phi
+from mrs.archs import bert, gemma, llama, mamba, phi
 from mrs.errors import UnsupportedModelError
 
 MODELS: dict[str, Any] = {model_type: llama.LlamaForCausalLM for model_type in llama.MODEL_TYPES}
 MODELS["phi"] = phi.PhiForCausalLM
 MODELS["phi3"] = phi.Phi3ForCausalLM
 MODELS["mamba"] = mamba.MambaForCausalLM
+MODELS.update({model_type: gemma.GemmaForCausalLM for model_type in gemma.MODEL_TYPES})
 MODELS["bert"] = bert.BertModel
 
 

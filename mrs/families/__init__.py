@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mrs.errors import UnsupportedModelError
-from mrs.families import bert, llama, mamba, phi
+from mrs.families import bert, gemma, llama, mamba, phi
 from mrs.weights import Fused
 
 Rename = Callable[[str, np.ndarray], Iterator[tuple[str, np.ndarray]]]
@@ -54,6 +54,7 @@ FAMILIES: dict[str, Family] = {model_type: Family(model_type, llama, llama.Llama
 FAMILIES["phi"] = Family("phi", phi, phi.PhiConfig)
 FAMILIES["phi3"] = Family("phi3", phi, phi.PhiConfig)
 FAMILIES["mamba"] = Family("mamba", mamba, mamba.MambaConfig)
+FAMILIES.update({model_type: Family(model_type, gemma, gemma.GemmaConfig) for model_type in gemma.MODEL_TYPES})
 FAMILIES["bert"] = Family("bert", bert, bert.BertConfig, kind="encoder")
 
 
