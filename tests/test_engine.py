@@ -53,6 +53,24 @@ def test_a_200_token_generation_compiles_nothing_after_warm_up(llama):
     assert COMPILES.count == before and llama.steps.compiled_count() == before_cached
 
 
+def test_decode_reads_every_weight_where_it_lies_without_a_transposed_copy(llama):
+    """A weight transposed inside the step is copied through memory on every token (with
+    [K, G+2, H, D] q/k/v weights XLA's CPU backend did that, and decode ran 3x slower)."""
+    from mrs.sampling import SamplingParams
+
+    slots, max_len = 1, 256
+    steps = llama.runner.compiled()
+    cache = llama.init_cache(slots, max_len)
+    sampling = SamplingParams.stack([SamplingParams.make(temperature=0)] * slots)
+    history = jax.numpy.full((slots, 8), -1, jax.numpy.int32)
+    step = jax.numpy.zeros((slots,), jax.numpy.int32)
+    text = steps.decode.lower(llama.runner.params, step, cache, sampling, history, step,
+                              jax.numpy.ones((slots,), bool), steps.all_allowed(slots)).compile().as_text()
+    moved = [line for line in text.splitlines()
+             if (" transpose(" in line or " copy(" in line) and "op_name=\"params[" in line]
+    assert not moved, moved[:3]
+
+
 def test_decode_updates_the_donated_cache_in_place(llama):
     """A step that copied its cache would move the whole cache through memory for each token."""
     from mrs.sampling import SamplingParams
