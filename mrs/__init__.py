@@ -24,15 +24,17 @@ _EXPORTS = {
     "load": "mrs.model",
     "SamplingParams": "mrs.sampling",
     "embed": "mrs.embedding",
+    "perplexity": "mrs.evaluate",
 }
 
 __all__ = ["Completion", "Model", "MrsError", "SamplingParams", "__version__", "embed", "generate", "generate_batch",
-           "load", "stream"]
+           "load", "perplexity", "stream"]
 
 if TYPE_CHECKING:
     from mrs.embedding import embed
     from mrs.engine.generate import Completion, generate, generate_batch, stream
     from mrs.errors import MrsError
+    from mrs.evaluate import perplexity
     from mrs.model import Model, load
     from mrs.sampling import SamplingParams
 

@@ -174,7 +174,7 @@ class CLI:
         _show(search_table(rows))
 
     def list(self, format: str = "table"):
-        """List the models in the models directory: name, architecture, parameters, dtype, size, modified.
+        """List the models in the models directory, then Ollama's (marked): name, architecture, parameters, dtype, size.
 
         Args:
             format: table or json.
@@ -190,6 +190,7 @@ class CLI:
                 rows.append(store.model_info(path))
             except MrsError as e:
                 rows.append({"name": store.model_name(path), "path": str(path), "error": str(e)})
+        rows += store.ollama_infos()
         if format == "json":
             return _print_json(rows)
         if not rows:
@@ -428,6 +429,32 @@ class CLI:
         loaded = self._load(model)
         vectors = embed(loaded, items)
         print(json.dumps({"model": loaded.name, "embeddings": [[float(x) for x in row] for row in vectors]}))
+
+    def perplexity(self, model: Any, file: Any, context: Any = 512, format: str = "text"):
+        """Perplexity of a model over a text file, in windows of --context tokens (llama.cpp's method).
+
+        Args:
+            model: model name, folder or .gguf file.
+            file: a UTF-8 text file ('-' reads stdin).
+            context: tokens per window (default 512; half of each window is scored).
+            format: text or json.
+        """
+        _choice(format, "--format", ("text", "json"))
+        source = _text(file, "FILE")
+        if source == "-":
+            text = sys.stdin.read()
+        else:
+            try:
+                text = Path(source).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"cannot read {source}: {e}") from e
+        from mrs.evaluate import perplexity
+
+        result = perplexity(self._load(_text(model, "MODEL")), text, context=_int(context, "--context", 4))
+        if format == "json":
+            return _print_json(result.to_dict())
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+              f"({result.windows} windows of {result.context}, {result.seconds:.1f}s)")
 
     def serve(self, model: Any = None, host: Any = None, port: Any = None, max_batch: Any = None,
               preload: bool = False):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mrs import backends, families, store
-from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
+from mrs.errors import ContextLengthError, InvalidParameterError, ModelNotFoundError, MrsError
 from mrs.families import Family
 from mrs.store import read_json
 from mrs.tokenizer import Tokenizer
@@ -29,10 +29,14 @@ class Model:
     """A model ready to run: metadata here, arrays in ``runner`` (a backend's Runner)."""
 
     def __init__(self, path: Path, hf_config: dict, family: Family, config: Any, runner: Any,
-                 tokenizer: Tokenizer | None, load_seconds: float = 0.0):
+                 tokenizer: Tokenizer | None, load_seconds: float = 0.0, name: str | None = None,
+                 default_options: dict | None = None, default_system: str | None = None):
         self.path, self.hf_config, self.family, self.config = Path(path), hf_config, family, config
         self.runner, self.tokenizer, self.load_seconds = runner, tokenizer, load_seconds
-        self.name = self.path.name.replace(store.SEPARATOR, "/", 1)
+        self.name = name or (self.path.stem if self.path.is_file() else self.path.name).replace(store.SEPARATOR, "/", 1)
+        # What the model's packaging asks for when a request does not say (Ollama's params and system layers)
+        self.default_options = dict(default_options or {})
+        self.default_system = default_system
         gen_path = self.path / "generation_config.json"
         self.generation_config = read_json(gen_path) if gen_path.is_file() else {}
         self.eos_ids = self._eos_ids()
@@ -99,7 +103,8 @@ class Model:
 
 def load(ref: str | Path, dtype: str | None = None, device: str | None = None, home: Path | None = None,
          **backend_options: Any) -> Model:
-    """Load a model from a folder path or an ``org/model`` name in the models directory.
+    """Load a model from a folder path, a .gguf file, an ``org/model`` name in the models directory,
+    or a ``name[:tag]`` of Ollama's store (read-only; its default options and system prompt come along).
 
     ``backend_options`` go to the backend's loader (for JAX: ``variant``, a projection
     variant chosen per parameter path; see ``mrs.archs.layers.swap_linears``)."""
@@ -111,11 +116,30 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
         home = home or settings.home
         dtype = dtype or settings.dtype
         device = device or settings.device
-    path = store.resolve(ref, home)
-    hf_config = read_json(path / "config.json")
-    family, config = families.resolve(hf_config)
+    name = options = system = None
+    try:
+        path = store.resolve(ref, home)
+    except ModelNotFoundError:
+        from mrs import ollama_store
+
+        found = ollama_store.find(str(ref)) if isinstance(ref, str) else None
+        if found is None:
+            raise
+        path, name, options, system = found.gguf, found.name, found.options, found.system
+    if path.is_file():                     # a GGUF file: metadata, tensors and tokenizer in one
+        from mrs import gguf
+
+        source = gguf.GGUFModel(path)
+        hf_config = source.hf_config()
+        family, config = families.resolve(hf_config)
+        tokenizer = gguf.tokenizer(source)
+        backend_options["checkpoint"] = gguf.GGUFTensors(source, config)
+    else:
+        hf_config = read_json(path / "config.json")
+        family, config = families.resolve(hf_config)
+        tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
     runner = backends.for_device(device).load(path, family, config, dtype=dtype, device=device, **backend_options)
-    tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
-    model = Model(path, hf_config, family, config, runner, tokenizer, time.perf_counter() - started)
+    model = Model(path, hf_config, family, config, runner, tokenizer, time.perf_counter() - started, name=name,
+                  default_options=options, default_system=system)
     log.info("loaded %s in %.2fs", model, model.load_seconds)
     return model

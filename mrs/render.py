@@ -204,7 +204,8 @@ def ago(epoch: float, now: float | None = None) -> str:
 
 
 def models_table(rows: Iterable[dict]) -> Table:
-    """`mrs list`: rows are store.model_info dicts (or {"name", "error"} for a broken folder)."""
+    """`mrs list`: rows are store.model_info dicts (or {"name", "error"} for a broken folder);
+    rows with ``source: ollama`` are Ollama's models, marked so."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE", "MODIFIED"):
         table.add_column(column, no_wrap=column != "ARCHITECTURE",
@@ -213,7 +214,8 @@ def models_table(rows: Iterable[dict]) -> Table:
         if "error" in row:
             table.add_row(row["name"], f"[red]broken: {row['error']}[/red]", "", "", "", "")
             continue
-        table.add_row(row["name"], row["architecture"], row["parameter_size"], row["dtype"],
+        name = f"{row['name']} [dim](ollama)[/dim]" if row.get("source") == "ollama" else row["name"]
+        table.add_row(name, row["architecture"], row["parameter_size"], row["dtype"],
                       human_bytes(row["size_bytes"]), ago(row["modified"]))
     return table
 

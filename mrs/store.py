@@ -68,7 +68,7 @@ def looks_like_path(ref: str) -> bool:
 
 
 def resolve(ref: str | Path, home: Path | None = None) -> Path:
-    """Find the model folder for a path or a name, checking it is a model folder."""
+    """Find the model folder (or GGUF file) for a path or a name, checking it is a model."""
     if isinstance(ref, Path) or looks_like_path(str(ref)):
         path = Path(ref).expanduser()
         if not path.exists():
@@ -87,7 +87,15 @@ def resolve(ref: str | Path, home: Path | None = None) -> Path:
 
 
 def check_model_folder(path: Path) -> None:
-    """Raise NotAModelError naming what is missing from a would-be model folder."""
+    """Raise NotAModelError naming what is missing from a would-be model folder (a GGUF
+    file passes as it is)."""
+    if path.is_file():
+        from mrs.gguf import is_gguf
+
+        if is_gguf(path):
+            return
+        raise NotAModelError(f"{path} is a file but not a GGUF file (no GGUF magic); pass a model folder "
+                             "or a .gguf file")
     if not path.is_dir():
         raise NotAModelError(f"{path} is not a folder")
     if not (path / "config.json").is_file():
@@ -100,6 +108,22 @@ def check_model_folder(path: Path) -> None:
         hint = f" (found pickle checkpoints {', '.join(bins)}, which mrs refuses to load: " \
                "pickle can run arbitrary code; convert them to safetensors)" if bins else ""
         raise NotAModelError(f"model folder {path} has no *.safetensors weights{hint}")
+
+
+def ollama_infos() -> list[dict]:
+    """model_info rows of the models in Ollama's store (read-only), marked ``source: ollama``."""
+    from mrs import ollama_store
+
+    rows = []
+    for entry in ollama_store.list_models():
+        if isinstance(entry, tuple):
+            rows.append({"name": entry[0], "error": str(entry[1]), "source": "ollama"})
+            continue
+        try:
+            rows.append(model_info(entry.gguf) | {"name": entry.name, "source": "ollama"})
+        except MrsError as e:
+            rows.append({"name": entry.name, "error": str(e), "source": "ollama"})
+    return rows
 
 
 def list_models(home: Path) -> list[Path]:
@@ -216,9 +240,15 @@ def human_count(n: int) -> str:
 
 
 def model_info(path: Path) -> dict:
-    """Summary of a model folder without loading weights: what `list`, `show` and /api/tags report."""
+    """Summary of a model folder (or GGUF file) without loading weights: what `list`, `show` and
+    /api/tags report."""
     path = Path(path)
     check_model_folder(path)
+    if path.is_file():
+        from mrs.gguf import summary
+
+        info = summary(path)
+        return info | {"parameter_size": human_count(info["parameters"])}
     config = read_json(path / "config.json")
     files = model_files(path)
     stats = [(path / f).stat() for f in files]

@@ -58,15 +58,27 @@ class Tokenizer:
             raise TokenizerError(f"cannot read {path}: {e}") from e
         config_path = folder / "tokenizer_config.json"
         try:
-            self.config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
         except json.JSONDecodeError as e:
             raise TokenizerError(f"{config_path} is not valid JSON: {e}") from e
+        jinja_file = folder / "chat_template.jinja"
+        if config.get("chat_template") is None and jinja_file.is_file():
+            config["chat_template"] = jinja_file.read_text()
+        self._setup(config)
+
+    @classmethod
+    def from_parts(cls, hf: HFTokenizer, config: dict) -> Tokenizer:
+        """A tokenizer built elsewhere (a GGUF file's) with a tokenizer_config-like dict."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.hf = hf
+        tokenizer._setup(dict(config))
+        return tokenizer
+
+    def _setup(self, config: dict) -> None:
+        self.config = config
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         template = self.config.get("chat_template")
-        jinja_file = folder / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
-            template = jinja_file.read_text()
         if isinstance(template, list):  # named templates: use "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.chat_template: str | None = template

@@ -10,7 +10,7 @@ Pickle checkpoints are refused: unpickling runs arbitrary code.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from math import prod
@@ -130,7 +130,7 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def load_params(
-    folder: Path,
+    folder: Path | Iterable[tuple[str, np.ndarray]],
     expected: Mapping[str, Spec],
     dtype: Any,
     rename: Callable[[str, np.ndarray], Iterator[tuple[str, np.ndarray]]] | None = None,
@@ -148,12 +148,15 @@ def load_params(
     A model tensor may also split a checkpoint tensor's first axis into several (a
     [2F, D] ``gate_up_proj`` into [2, F, D]). Each tensor goes through
     ``place(name, array, spec)``; the default casts floats to ``dtype`` in numpy.
+    ``folder`` is a safetensors folder, or any iterable of (checkpoint name, array) pairs
+    (a GGUF file's tensors; its ``str`` names it in errors).
     """
     place = place or (lambda name, value, spec: cast_to(value, spec, dtype))
     params: dict[str, Any] = {}
     unexpected: list[str] = []
     parts = _FusedParts(fused or {}, expected)
-    for ckpt_name, array in iter_tensors(folder):
+    stream = iter_tensors(folder) if isinstance(folder, (str, Path)) else iter(folder)
+    for ckpt_name, array in stream:
         pairs = rename(ckpt_name, array) if rename else [(ckpt_name, array)]
         for name, value in pairs:
             if parts.add(name, ckpt_name, value):

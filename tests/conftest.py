@@ -9,6 +9,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Never read the machine's own Ollama store: tests that need one build it and point here.
+os.environ.setdefault("OLLAMA_MODELS", "/nonexistent/mrs-tests/ollama")
 # XLA's CPU backend spends most of a test's time compiling tiny models; its LLVM
 # optimisation level barely matters for their speed but halves compile time.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")

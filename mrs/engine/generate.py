@@ -76,6 +76,12 @@ def encode_prompt(model: Any, prompt: Prompt, system: str | None = None) -> list
     return ids
 
 
+def _without_system(prompt: Prompt) -> bool:
+    """Chat messages with no system message (where a model's default system prompt goes)."""
+    return (isinstance(prompt, Sequence) and not isinstance(prompt, str) and bool(prompt)
+            and all(isinstance(m, dict) for m in prompt) and not any(m.get("role") == "system" for m in prompt))
+
+
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -180,9 +186,14 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     if model.family.kind != "causal":
         raise MrsError(f"model {model.name} is an {model.family.kind} model: it embeds text but cannot generate; "
                        "use `mrs embed` / mrs.embed()")
-    stops = _stop_strings(stop)
+    defaults = getattr(model, "default_options", None) or {}
+    sampling = {**{k: v for k, v in defaults.items() if k in SAMPLING_KEYS},
+                **{k: v for k, v in sampling.items() if v is not None}}
+    stops = _stop_strings(defaults.get("stop") if stop is None else stop)
     params = _sampling_rows(len(prompts), sampling)
-    encoded = [encode_prompt(model, p, system) for p in prompts]
+    default_system = getattr(model, "default_system", None)
+    encoded = [encode_prompt(model, p, system if system is not None or not _without_system(p) else default_system)
+               for p in prompts]
     batch = len(encoded)
     longest = max(len(ids) for ids in encoded)
     runner = model.runner

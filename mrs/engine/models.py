@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mrs import store
+from mrs import ollama_store, store
 from mrs.engine.batcher import Batcher, ServerBusyError
-from mrs.errors import ModelNotFoundError
+from mrs.errors import InvalidModelNameError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,23 @@ log = logging.getLogger(__name__)
 def resolve_name(home: Path, name: str) -> tuple[str, Path]:
     """A request's model name -> (canonical name, folder); never a path outside ``home``.
 
-    Ollama-style ':latest' tags are accepted and dropped; any other tag is not a model here.
+    Ollama-style ':latest' tags are accepted and dropped; a name mrs's store does not hold is
+    looked up in Ollama's store (``name[:tag]``), whose models are GGUF blobs.
     """
     if not isinstance(name, str):
         raise ModelNotFoundError(f"model {name!r} not found")
     canonical = name.strip()
     canonical = canonical.removesuffix(":latest")
-    store.validate_name(canonical)
-    path = store.model_dir(home, canonical)
-    if not path.is_dir():
-        raise ModelNotFoundError(f"model '{name}' not found, try pulling it first")
+    try:
+        store.validate_name(canonical)
+        path = store.model_dir(home, canonical)
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model '{name}' not found, try pulling it first")
+    except (ModelNotFoundError, InvalidModelNameError):
+        found = ollama_store.find(name)        # then Ollama's store, read-only
+        if found is None:
+            raise
+        return found.name, found.gguf
     store.check_model_folder(path)
     return canonical, path
 

@@ -304,7 +304,7 @@ def list_infos(home: Path, extra: dict[str, Path] | None = None) -> list[dict]:
             infos.append(store.model_info(path) | {"name": name})
         except MrsError:
             continue
-    return infos
+    return infos + [row for row in store.ollama_infos() if "error" not in row]
 
 
 async def _in_thread(fn, *args, **kwargs):

