@@ -26,3 +26,16 @@ def reading_config():
         raise UnsupportedModelError(f"config.json lacks required key {e.args[0]!r}") from e
     except (TypeError, ValueError) as e:
         raise UnsupportedModelError(f"config.json has an invalid value: {e}") from e
+
+
+def attention_heads(config: dict, explicit_head_dim: bool = True) -> tuple[int, int, int]:
+    """(query heads, kv heads, head dim) of a config.json, refusing kv heads that do not
+    divide the query heads. ``explicit_head_dim``: the family honours a ``head_dim`` key."""
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of "
+                                    f"num_key_value_heads {kv_heads}")
+    hidden = int(config["hidden_size"])
+    head_dim = int((config.get("head_dim") if explicit_head_dim else None) or hidden // heads)
+    return heads, kv_heads, head_dim

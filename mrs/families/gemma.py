@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mrs.errors import UnsupportedModelError
-from mrs.families.common import check_activation, reading_config
+from mrs.families.common import attention_heads, check_activation, reading_config
 from mrs.families.llama import gate_up_fused, qkv_fused
 from mrs.families.rope import Rope
 from mrs.weights import Fused
@@ -68,14 +68,9 @@ class GemmaConfig:
         if config.get("use_bidirectional_attention"):
             raise UnsupportedModelError("Gemma with use_bidirectional_attention (an encoder) is not supported")
         with reading_config():
-            heads = int(config["num_attention_heads"])
+            heads, kv_heads, head_dim = attention_heads(config)
             hidden = int(config["hidden_size"])
             layers = int(config["num_hidden_layers"])
-            head_dim = int(config.get("head_dim") or hidden // heads)
-            kv_heads = int(config.get("num_key_value_heads") or heads)
-            if heads % kv_heads:
-                raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of "
-                                            f"num_key_value_heads {kv_heads}")
             act = str(config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh")
             if act == "gelu":    # the original releases' value, meant as the tanh GELU (transformers agrees)
                 act = "gelu_pytorch_tanh"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mrs.errors import UnsupportedModelError
-from mrs.families.common import check_activation
+from mrs.families.common import attention_heads, check_activation, reading_config
 from mrs.families.rope import Rope
 from mrs.weights import Fused
 
@@ -57,15 +57,10 @@ class LlamaConfig:
         model_type = config.get("model_type", "llama")
         if model_type not in MODEL_TYPES:
             raise UnsupportedModelError(f"model_type {model_type!r} is not a Llama-family model")
-        try:
-            heads = int(config["num_attention_heads"])
+        with reading_config():
+            heads, kv_heads, head_dim = attention_heads(config)
             hidden = int(config["hidden_size"])
             layers = int(config["num_hidden_layers"])
-            head_dim = int(config.get("head_dim") or hidden // heads)
-            kv_heads = int(config.get("num_key_value_heads") or heads)
-            if heads % kv_heads:
-                raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of "
-                                            f"num_key_value_heads {kv_heads}")
             attention_bias = bool(config.get("attention_bias", False))
             qwen2 = model_type == "qwen2"
             return cls(
@@ -93,10 +88,6 @@ class LlamaConfig:
                                       if config.get("attention_multiplier") is not None else None),
                 logits_scaling=float(config.get("logits_scaling", 1.0)),
             )
-        except KeyError as e:
-            raise UnsupportedModelError(f"config.json lacks required key {e.args[0]!r}") from e
-        except (TypeError, ValueError) as e:
-            raise UnsupportedModelError(f"config.json has an invalid value: {e}") from e
 
 
 def sliding_windows(config: dict, model_type: str, layers: int) -> tuple[int | None, ...]:

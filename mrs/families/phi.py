@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mrs.errors import UnsupportedModelError
-from mrs.families.common import check_activation, reading_config
+from mrs.families.common import attention_heads, check_activation, reading_config
 from mrs.families.llama import gate_up_fused, qkv_fused
 from mrs.families.rope import Rope
 from mrs.weights import Fused
@@ -54,13 +54,8 @@ class PhiConfig:
             raise UnsupportedModelError(f"model_type {model_type!r} is not a Phi model")
         phi3 = model_type == "phi3"
         with reading_config():
-            heads = int(config["num_attention_heads"])
+            heads, kv_heads, head_dim = attention_heads(config, explicit_head_dim=False)
             hidden = int(config["hidden_size"])
-            kv_heads = int(config.get("num_key_value_heads") or heads)
-            if heads % kv_heads:
-                raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of "
-                                            f"num_key_value_heads {kv_heads}")
-            head_dim = hidden // heads
             # transformers' defaults when config.json leaves these out
             defaults = {"max_position_embeddings": 4096} if phi3 else {"max_position_embeddings": 2048,
                                                                         "partial_rotary_factor": 0.5}
