@@ -478,8 +478,14 @@ class CLI:
         if preload and not refs:
             raise UsageError("--preload needs --model (which models to load first)")
         settings = self._settings(**overrides)
-        for ref in refs:
-            store.resolve(ref, settings.home)  # a typo fails now, not at the first request
+        for ref in refs:  # a typo fails now, not at the first request
+            try:
+                store.resolve(ref, settings.home)
+            except ModelNotFoundError:
+                from mrs import ollama_store
+
+                if ollama_store.find(ref) is None:
+                    raise
         try:
             from mrs.server.app import serve
         except ImportError as e:

@@ -104,3 +104,13 @@ def test_the_cli_and_the_servers_list_show_ollamas_models(store, tmp_path, monke
     assert tiny["source"] == "ollama" and tiny["architecture"] == "llama" and tiny["parameters"] > 0
     assert any(r["name"] == "adapter-only:latest" and "error" in r for r in rows)
     assert {"tiny:latest", "tiny:q8"} <= {i["name"] for i in list_infos(tmp_path)}
+
+
+def test_server_requests_take_the_models_defaults_where_they_set_nothing():
+    from mrs.server.schemas import ollama_options
+
+    row = ollama_options({}).with_defaults(PARAMS)
+    assert row.sampling_row().temperature[0] == 0 and row.stop == ("zzzz",)
+    mine = ollama_options({"options": {"temperature": 0.5, "stop": ["."]}}).with_defaults(PARAMS)
+    assert abs(mine.sampling_row().temperature[0] - 0.5) < 1e-7 and mine.stop == (".",)
+    assert mine.sampling_row().top_k[0] == 1           # what the request left unset

@@ -158,6 +158,9 @@ class ModelManager:
         loader = self._loader or mrs.load
         started = time.perf_counter()
         model = loader(path, dtype=self.dtype, device=self.device, home=self.home)
+        ollama = ollama_store.find(name) if Path(path).is_file() else None
+        if ollama is not None and ollama.gguf == Path(path):    # Ollama's defaults come with its models
+            model.default_options, model.default_system = ollama.options, ollama.system
         batcher = None
         if model.family.kind == "causal":
             batcher = Batcher(model, slots=self.slots, max_len=self.max_context, max_queue=self.max_queue).start()

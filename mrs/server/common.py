@@ -131,6 +131,7 @@ class Generation:
     """
 
     def __init__(self, loaded: Loaded, prompts: Sequence[Sequence[int]], opts: GenOptions):
+        opts = opts.with_defaults(getattr(loaded.model, "default_options", None))
         self.loaded, self.opts = loaded, opts
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()

@@ -7,6 +7,7 @@ key with a wrong type is an error, never silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -157,6 +158,16 @@ class GenOptions:
     context: int | None = None             # Ollama num_ctx: cap on prompt + output
     n: int = 1
     format: str | dict | None = None       # "json" or a JSON schema (constrained decoding)
+
+    def with_defaults(self, defaults: dict | None) -> GenOptions:
+        """These options over a model's own defaults (Ollama's params layer): what the request
+        leaves unset comes from the model, then from mrs's defaults."""
+        if not defaults:
+            return self
+        given = {k: v for k, v in self.sampling.items() if v is not None}
+        picked = {k: v for k, v in sampling_fields(defaults).items() if v is not None}
+        stop = self.stop or (get_stop(defaults) if "stop" in defaults else ())
+        return dataclasses.replace(self, sampling={**picked, **given}, stop=stop)
 
     def sampling_row(self, seed_offset: int = 0) -> SamplingParams:
         """The validated one-row SamplingParams (choice ``seed_offset`` of n gets seed + offset)."""
