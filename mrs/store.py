@@ -64,7 +64,9 @@ def model_dir(home: Path, name: str) -> Path:
 
 
 def looks_like_path(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().is_dir()
+    """A folder or file path (``model.gguf`` in the working directory counts), not a model name."""
+    return (ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf")
+            or Path(ref).expanduser().is_dir() or Path(ref).expanduser().is_file())
 
 
 def resolve(ref: str | Path, home: Path | None = None) -> Path:

@@ -190,3 +190,12 @@ def test_gemma3_gguf_logits_and_greedy_tokens_match_transformers(gemma, referenc
 def test_gemma3_gguf_writes_real_english(gemma):
     done = mrs.generate(gemma, "The capital of France is", max_tokens=8, temperature=0)
     assert "Paris" in done.text or "capital" in done.text, done.text
+
+
+def test_a_gguf_file_in_the_working_directory_is_a_path_not_a_name(written, tmp_path, monkeypatch):
+    path, _ = written("llama")
+    shutil.copy(path, tmp_path / "tiny.gguf")
+    monkeypatch.chdir(tmp_path)
+    assert mrs.load("tiny.gguf", home=tmp_path / "home").name == "tiny"
+    with pytest.raises(mrs.MrsError, match="does not exist"):
+        mrs.load("absent.gguf", home=tmp_path / "home")
