@@ -121,18 +121,20 @@ class CLI:
     def pull(self, ref: Any, revision: Any = None, quiet: bool = False):
         """Download a model from the Hugging Face Hub into the models directory.
 
-        Fetches only what mrs runs (safetensors, configs, tokenizer, chat template). An
-        interrupted pull leaves nothing in `list`; pulling again resumes it.
+        Fetches only what mrs runs (safetensors, configs, tokenizer, chat template), or with
+        ORG/NAME-GGUF:QUANT only that quant's .gguf file. An interrupted pull leaves nothing in
+        `list`; pulling again resumes it.
 
         Args:
-            ref: the Hub model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
+            ref: the Hub model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct or org/name-GGUF:Q4_K_M.
             revision: a branch, tag or commit (default: main).
             quiet: no progress bars.
         """
         from mrs import hub
         from mrs.render import PullProgress
 
-        name = hub.repo_id(_text(ref, "REF"))
+        repo, quant = hub.split_ref(_text(ref, "REF"))
+        name = f"{repo}:{quant}" if quant else repo
         revision = None if revision is None else _text(revision, "--revision")
         settings = self._settings()
         try:

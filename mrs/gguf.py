@@ -262,9 +262,16 @@ def summary(path: Path) -> dict:
     parameters = sum(t.n_elements for t in model.tensor_infos.values())
     file_type = model.field("general.file_type")
     try:
-        dtype = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
+        dtype = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
         dtype = f"file_type {file_type}"
+    if dtype is None:   # no general.file_type: the type most matrices have
+        from collections import Counter
+
+        from gguf import GGMLQuantizationType
+
+        kinds = Counter(t.type for t in model.tensor_infos.values() if len(t.extents) >= 2)
+        dtype = GGMLQuantizationType(kinds.most_common(1)[0][0]).name if kinds else "unknown"
     stem = model.path.name
     digest = stem.replace("-", ":", 1) if stem.startswith("sha256-") else "sha256:" + hashlib.sha256(
         f"{model.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -31,6 +32,7 @@ from mrs.errors import (
     ModelNotFoundError,
     MrsError,
     NotAModelError,
+    UnsupportedModelError,
 )
 
 log = logging.getLogger(__name__)
@@ -60,13 +62,35 @@ class HubError(MrsError):
 
 def repo_id(ref: str) -> str:
     """'org/model' (also accepts a huggingface.co URL) -> a validated repo id."""
+    return split_ref(ref)[0]
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """'org/model' or 'org/model-GGUF:Q4_K_M' (Ollama's hf.co convention) -> (repo id, quant)."""
     if not isinstance(ref, str):
         raise InvalidModelNameError(f"model name must be text, got {ref!r}")
     ref = ref.strip()
     for prefix in PREFIXES:
         if ref.startswith(prefix):
             ref = ref[len(prefix):].strip("/")
-    return store.validate_name(ref)
+    base, quant = store.split_quant(ref)
+    return store.validate_name(base), quant
+
+
+def select_gguf(name: str, quant: str, entries: dict[str, Any]) -> str:
+    """The one .gguf file of a repo whose name carries ``quant`` (Q4_K_M matches *-Q4_K_M.gguf)."""
+    ggufs = sorted(p for p in entries if p.lower().endswith(".gguf") and "mmproj" not in p.lower())
+    pattern = re.compile(rf"(^|[-._/]){re.escape(quant.lower())}([-._]|$)")
+    chosen = [p for p in ggufs if pattern.search(p.lower()[: -len(".gguf")])]
+    if not ggufs:
+        raise NotAModelError(f"'{name}' has no .gguf files; pull it without ':{quant}'")
+    if not chosen:
+        quants = sorted({re.split(r"[-.]", p[:-5])[-1] for p in ggufs})
+        raise NotAModelError(f"'{name}' has no {quant} GGUF; it has {', '.join(quants)}")
+    if len(chosen) > 1:
+        raise UnsupportedModelError(f"'{name}' splits {quant} over {len(chosen)} files ({', '.join(chosen[:3])}); "
+                                    "mrs reads single-file GGUFs")
+    return chosen[0]
 
 
 def default_endpoint() -> str | None:
@@ -203,8 +227,10 @@ def select_files(entries: dict[str, Any], index: dict | None) -> list[str]:
 
 def _check_repo(name: str, entries: dict[str, Any], wanted: list[str]) -> None:
     if "config.json" not in entries:
-        raise NotAModelError(f"'{name}' has no config.json, so it is not a Hugging Face transformers model "
-                             "(a GGUF-only repo?); look for another with `mrs search`")
+        ggufs = sorted(p for p in entries if p.lower().endswith(".gguf"))
+        hint = (f"; it holds GGUF files: pull one quant as '{name}:QUANT', e.g. '{name}:"
+                f"{re.split(r'[-.]', ggufs[0][:-5])[-1]}'" if ggufs else "; look for another with `mrs search`")
+        raise NotAModelError(f"'{name}' has no config.json, so it is not a Hugging Face transformers model{hint}")
     if not any(p.endswith(".safetensors") for p in wanted):
         others = sorted(p for p in entries if p.endswith((".bin", ".pt", ".pth", ".gguf", ".ckpt")))[:3]
         found = f" (it has {', '.join(others)})" if others else ""
@@ -268,7 +294,7 @@ def pull(ref: str, home: Path, *, revision: str | None = None, endpoint: str | N
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
-    name = repo_id(ref)
+    name, quant = split_ref(ref)
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise MrsError(f"revision must be a branch, tag or commit, got {revision!r}")
     home = Path(home).expanduser()
@@ -280,7 +306,7 @@ def pull(ref: str, home: Path, *, revision: str | None = None, endpoint: str | N
             raise PullCancelled(f"pull of {name} cancelled")
         report(event)
 
-    target = store.model_dir(home, name)
+    target = store.model_dir(home, f"{name}:{quant}" if quant else name)
     home.mkdir(parents=True, exist_ok=True)
     partial = home / f".partial-{target.name}"
     api = HfApi(endpoint=endpoint, token=token)
@@ -312,12 +338,16 @@ def pull(ref: str, home: Path, *, revision: str | None = None, endpoint: str | N
             return before is None or (before.st_ino, before.st_mtime_ns) != (after.st_ino, after.st_mtime_ns)
 
         index = None
-        if INDEX in entries:
-            download(INDEX)
-            index = store.read_json(partial / INDEX)
-        wanted = select_files(entries, index)
-        _check_repo(name, entries, wanted)
-        small_first = sorted(wanted, key=lambda p: p.endswith(".safetensors"))  # a cut leaves the small ones done
+        if quant:                                    # one GGUF quant: that file alone
+            wanted = [select_gguf(name, quant, entries)]
+        else:
+            if INDEX in entries:
+                download(INDEX)
+                index = store.read_json(partial / INDEX)
+            wanted = select_files(entries, index)
+            _check_repo(name, entries, wanted)
+        # weights last: a cut leaves the small files done
+        small_first = sorted(wanted, key=lambda p: p.endswith((".safetensors", ".gguf")))
         fetched = {path for path in small_first if download(path)}
 
         emit({"status": "verifying sha256 digest"})

@@ -119,6 +119,8 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
     name = options = system = None
     try:
         path = store.resolve(ref, home)
+        if path.is_file() and isinstance(ref, str) and not store.looks_like_path(ref):
+            name = ref                      # a pulled GGUF quant: keep the name it was pulled as
     except ModelNotFoundError:
         from mrs import ollama_store
 

@@ -44,14 +44,41 @@ def validate_name(name: str) -> str:
     return name
 
 
+QUANT_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")
+
+
+def split_quant(name: str) -> tuple[str, str | None]:
+    """``org/repo-GGUF:Q4_K_M`` -> (``org/repo-GGUF``, ``Q4_K_M``): one quant of a GGUF repo."""
+    if isinstance(name, str) and ":" in name:
+        base, _, quant = name.rpartition(":")
+        if not QUANT_RE.match(quant):
+            raise InvalidModelNameError(f"invalid model name {name!r}: the quant after ':' must be letters, "
+                                        "digits and '_' (e.g. Q4_K_M)")
+        return base, quant
+    return name, None
+
+
 def folder_name(name: str) -> str:
-    """``org/model`` -> ``org--model`` (the on-disk folder name)."""
-    return validate_name(name).replace("/", SEPARATOR)
+    """``org/model`` -> ``org--model`` (the on-disk folder name); ``org/repo:Q4_K_M`` ->
+    ``org--repo--Q4_K_M`` (names never hold '--', so the second one marks the quant)."""
+    base, quant = split_quant(name)
+    folder = validate_name(base).replace("/", SEPARATOR)
+    return f"{folder}{SEPARATOR}{quant}" if quant else folder
 
 
 def model_name(folder: str | Path) -> str:
-    """``org--model`` -> ``org/model``."""
-    return Path(folder).name.replace(SEPARATOR, "/", 1)
+    """``org--model`` -> ``org/model``; ``org--repo--Q4_K_M`` -> ``org/repo:Q4_K_M``."""
+    name = Path(folder).name.replace(SEPARATOR, "/", 1)
+    return name.replace(SEPARATOR, ":", 1)
+
+
+def gguf_in(folder: Path) -> Path | None:
+    """The one GGUF file of a folder without config.json (a pulled GGUF quant), else None."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    files = [name for name in model_files(folder) if name.lower().endswith(".gguf")]
+    return folder / files[0] if len(files) == 1 else None
 
 
 def model_dir(home: Path, name: str) -> Path:
@@ -76,7 +103,7 @@ def resolve(ref: str | Path, home: Path | None = None) -> Path:
         if not path.exists():
             raise ModelNotFoundError(f"model folder {path} does not exist")
         check_model_folder(path)
-        return path
+        return gguf_in(path) or path
     if home is None:
         from mrs.config import Settings
 
@@ -85,7 +112,7 @@ def resolve(ref: str | Path, home: Path | None = None) -> Path:
     if not path.is_dir():
         raise ModelNotFoundError(f"model '{ref}' not found in {home} — try `mrs pull {ref}`")
     check_model_folder(path)
-    return path
+    return gguf_in(path) or path
 
 
 def check_model_folder(path: Path) -> None:
@@ -100,6 +127,8 @@ def check_model_folder(path: Path) -> None:
                              "or a .gguf file")
     if not path.is_dir():
         raise NotAModelError(f"{path} is not a folder")
+    if gguf_in(path) is not None:
+        return
     if not (path / "config.json").is_file():
         raise NotAModelError(
             f"model folder {path} has no config.json — is it a Hugging Face model folder? "
@@ -133,7 +162,7 @@ def list_models(home: Path) -> list[Path]:
     if not Path(home).is_dir():
         return []
     return sorted(p for p in Path(home).iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file())
+                  if p.is_dir() and not p.name.startswith(".") and ((p / "config.json").is_file() or gguf_in(p)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,10 +275,11 @@ def model_info(path: Path) -> dict:
     /api/tags report."""
     path = Path(path)
     check_model_folder(path)
-    if path.is_file():
+    gguf_file = path if path.is_file() else gguf_in(path)
+    if gguf_file is not None:
         from mrs.gguf import summary
 
-        info = summary(path)
+        info = summary(gguf_file) | ({"name": model_name(path), "path": str(path)} if path.is_dir() else {})
         return info | {"parameter_size": human_count(info["parameters"])}
     config = read_json(path / "config.json")
     files = model_files(path)

@@ -39,7 +39,6 @@ def resolve_name(home: Path, name: str) -> tuple[str, Path]:
     canonical = name.strip()
     canonical = canonical.removesuffix(":latest")
     try:
-        store.validate_name(canonical)
         path = store.model_dir(home, canonical)
         if not path.is_dir():
             raise ModelNotFoundError(f"model '{name}' not found, try pulling it first")
@@ -49,7 +48,7 @@ def resolve_name(home: Path, name: str) -> tuple[str, Path]:
             raise
         return found.name, found.gguf
     store.check_model_folder(path)
-    return canonical, path
+    return canonical, store.gguf_in(path) or path
 
 
 @dataclass(eq=False)
