@@ -33,9 +33,12 @@ log = logging.getLogger(__name__)
 MAGIC = b"GGUF"
 
 # GGUF architecture -> the transformers model_type mrs parses it as.
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
-               "gemma3": "gemma3_text"}
-PERMUTED_QK = ("llama",)          # archs whose converter permutes Q/K rows (LlamaModel.permute)
+MODEL_TYPES = {"llama": "llama", "granite": "granite", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+               "gemma2": "gemma2", "gemma3": "gemma3_text"}
+PERMUTED_QK = ("llama", "granite")   # archs whose converter permutes Q/K rows (LlamaModel.permute)
+# Granite's multipliers: GGUF key -> config.json key
+GRANITE_SCALES = {"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
+                  "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
 GEMMA_NORMS = ("gemma", "gemma2", "gemma3")
 # Tensors llama.cpp writes that transformers recomputes from the config.
 DERIVED = ("rope_freqs.weight",)
@@ -117,6 +120,10 @@ class GGUFModel:
             config["sliding_window"] = int(window)
             if arch in ("qwen2", "qwen3"):
                 config["use_sliding_window"] = True
+        if arch == "granite":
+            for key, name in GRANITE_SCALES.items():
+                if self.arch_field(key) is not None:
+                    config[name] = float(self.arch_field(key))
         if arch == "qwen2":
             config["attention_bias"] = "blk.0.attn_q.bias" in self.tensor_infos
         if arch in ("gemma2", "gemma3"):

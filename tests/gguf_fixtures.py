@@ -12,7 +12,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 # fixture -> llama.cpp architecture
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3", "gemma2": "gemma2", "gemma": "gemma"}
+ARCHS = {"llama": "llama", "granite": "granite", "qwen2": "qwen2", "gemma3": "gemma3", "gemma2": "gemma2", "gemma": "gemma"}
 
 
 def _hf_names(config: dict) -> list[str]:
@@ -59,6 +59,10 @@ def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32") -> Pat
                          [t == "sliding_attention" for t in config["layer_types"]])
     else:
         writer.add_float32(f"{arch}.rope.freq_base", rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if fixture == "granite":
+        for key, name in (("attention.scale", "attention_multiplier"), ("embedding_scale", "embedding_multiplier"),
+                          ("residual_scale", "residual_multiplier"), ("logit_scale", "logits_scaling")):
+            writer.add_float32(f"{arch}.{key}", config[name])
     if fixture == "gemma2":
         writer.add_uint32(f"{arch}.attention.sliding_window", config["sliding_window"])
         writer.add_float32(f"{arch}.attn_logit_softcapping", config["attn_logit_softcapping"])
@@ -87,7 +91,7 @@ def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32") -> Pat
             continue
         name = f"{to_gguf[module]}.{leaf}"
         array = np.asarray(array, np.float32)
-        if arch == "llama" and module.endswith(("q_proj", "k_proj")) and leaf == "weight":
+        if arch in ("llama", "granite") and module.endswith(("q_proj", "k_proj")) and leaf == "weight":
             array = permute(array, heads if module.endswith("q_proj") else kv_heads)
         if arch.startswith("gemma") and module.endswith("norm") and leaf == "weight":
             array = array + 1.0

@@ -38,7 +38,7 @@ def written(fixture_path, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "granite", "qwen2", "gemma3"])
 def test_a_gguf_written_from_a_fixture_matches_transformers_on_it(written, fixture_path, name):
     """Q/K unpermuted (llama), biases (qwen2), norms minus one and per-layer rope (gemma3)."""
     _, model = written(name)
