@@ -13,7 +13,7 @@
   ``tokenizer.ggml.pre`` (the one llama.cpp picks for that name).
 
 Control tokens (type 3) become special tokens, user-defined ones (type 4) added
-tokens, so neither is cut into pieces; BOS/EOS are added as ``add_bos_token`` /
+tokens, so neither is cut into pieces; unused ones (type 5) are special too, so they print nothing; BOS/EOS are added as ``add_bos_token`` /
 ``add_eos_token`` say.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from mrs.errors import TokenizerError
 
-CONTROL, USER_DEFINED = 3, 4
+CONTROL, USER_DEFINED, UNUSED = 3, 4, 5
 GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -99,7 +99,8 @@ def build(arch: str, meta: dict[str, Any]) -> Any:
         tok.decoder = decoders.ByteLevel()
     else:
         raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported (supported: llama, gpt2)")
-    specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
+    # Unused entries (a vocabulary padded past the tokenizer, "[PAD504]") print nothing, as in llama.cpp.
+    specials = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNUSED)]
     tok.add_special_tokens(specials)
     tok.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")

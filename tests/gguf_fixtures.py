@@ -12,7 +12,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 # fixture -> llama.cpp architecture
-ARCHS = {"llama": "llama", "granite": "granite", "qwen2": "qwen2", "gemma3": "gemma3", "gemma2": "gemma2", "gemma": "gemma"}
+ARCHS = {"llama": "llama", "granite": "granite", "qwen2": "qwen2", "gemma3": "gemma3", "gemma2": "gemma2",
+         "gemma": "gemma"}
 
 
 def _hf_names(config: dict) -> list[str]:
@@ -83,7 +84,8 @@ def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32") -> Pat
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_add_bos_token(False)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", False)))
 
     for hf, array in tensors.items():
         module, _, leaf = hf.rpartition(".")

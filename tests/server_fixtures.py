@@ -105,6 +105,34 @@ class LiveServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
+OLLAMA_MODEL = "tiny:latest"
+OLLAMA_PARAMS = {"temperature": 0, "stop": ["zzzz"]}
+
+
+def build_ollama_store(root: Path, llama_folder: Path) -> None:
+    """manifests/registry.ollama.ai/library/tiny/latest -> a GGUF of the llama fixture + params."""
+    import hashlib
+    import json
+
+    from gguf_fixtures import write_gguf
+
+    blobs = root / "blobs"
+    blobs.mkdir(parents=True)
+
+    def blob(media_type: str, data: bytes) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / f"sha256-{digest}").write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    gguf = write_gguf(llama_folder, root / "tiny.gguf", "llama")
+    layers = [blob("application/vnd.ollama.image.model", gguf.read_bytes()),
+              blob("application/vnd.ollama.image.params", json.dumps(OLLAMA_PARAMS).encode())]
+    gguf.unlink()
+    manifest = root / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+
+
 @pytest.fixture(scope="session")
 def live_server(request, tmp_path_factory) -> LiveServer:
     """Start `python -m mrs.server --model test/llama --preload` and wait until /health is ok."""
@@ -124,6 +152,8 @@ def live_server(request, tmp_path_factory) -> LiveServer:
         )
     hub = FakeHub().start()
     hub.add_folder("acme/tiny", home / "test--llama")
+    ollama = base / "ollama"          # an Ollama store holding the llama fixture as a GGUF
+    build_ollama_store(ollama, root / "llama")
     port = free_port()
     env = {
         k: v
@@ -136,6 +166,7 @@ def live_server(request, tmp_path_factory) -> LiveServer:
         MRS_MIRROR=hub.url,
         MRS_CONFIG=str(base / "none.toml"),
         HF_HOME=str(base / "hf"),
+        OLLAMA_MODELS=str(ollama),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
     )

@@ -103,6 +103,7 @@ def test_a_gguf_vocabulary_encodes_like_the_tokenizer_it_came_from(written, fixt
             text, add_special_tokens=False), text
         ids = model.tokenizer.encode(text, add_special_tokens=False)
         assert model.tokenizer.decode(ids) == text
+        assert model.tokenizer.encode(text) == folder.tokenizer.encode(text), text      # BOS as the source adds it
 
 
 def test_bad_gguf_files_are_one_clear_error(written, tmp_path, capsys):

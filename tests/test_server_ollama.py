@@ -11,6 +11,7 @@ from server_fixtures import (
     API_KEY,
     DETAILS,
     LLAMA,
+    OLLAMA_MODEL,
     check_ollama_chunk,
     check_ollama_error,
     check_types,
@@ -385,3 +386,17 @@ def test_generate_on_an_embedding_model_is_a_400(client, embedder):
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model=embedder, prompt="Hi")
     assert e.value.status_code == 400
+
+
+def test_a_model_of_ollamas_store_is_listed_and_served_by_its_name(live_server):
+    """The store's GGUF (the llama fixture) answers as the folder model does, with its params' temperature 0."""
+    c = live_server.client()
+    names = [m["name"] for m in c.get("/api/tags").json()["models"]]
+    assert OLLAMA_MODEL in names and LLAMA in names
+    ask = {"prompt": "Once upon a time", "raw": True, "stream": False, "options": {"num_predict": 8, "seed": 0}}
+    theirs = c.post("/api/generate", json={"model": "tiny", **ask})
+    assert theirs.status_code == 200, theirs.text
+    ours = c.post("/api/generate", json={"model": LLAMA, **ask,
+                                         "options": {"num_predict": 8, "seed": 0, "temperature": 0}})
+    assert theirs.json()["response"] == ours.json()["response"] and theirs.json()["eval_count"] == 8
+    c.post("/api/generate", json={"model": "tiny", "keep_alive": 0})
