@@ -13,8 +13,8 @@
   ``tokenizer.ggml.pre`` (the one llama.cpp picks for that name).
 
 Control tokens (type 3) become special tokens, user-defined ones (type 4) added
-tokens, so neither is cut into pieces; unused ones (type 5) are special too, so they print nothing; BOS/EOS are added as ``add_bos_token`` /
-``add_eos_token`` say.
+tokens, so neither is cut into pieces; unused ones (type 5) are special too, so they
+print nothing. BOS/EOS are added as ``add_bos_token`` / ``add_eos_token`` say.
 """
 
 from __future__ import annotations
