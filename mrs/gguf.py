@@ -194,7 +194,8 @@ class GGUFModel:
                 raise UnsupportedModelError(f"GGUF tensor {name} of a {arch} model has no place in mrs's model")
             hf_name = f"{names[base]}.{leaf}"
             try:
-                array = dequantize(gguf_header.tensor_bytes(self.header, info, self.path.name), info.type)
+                raw = gguf_header.tensor_bytes(self.header, info, self.path.name)   # checks the type is known
+                array = dequantize(raw, GGMLQuantizationType(info.type))
             except NotImplementedError as e:
                 raise UnsupportedModelError(
                     f"GGUF tensor {name} has type {GGMLQuantizationType(info.type).name}, which mrs "

@@ -24,8 +24,9 @@ def _hf_names(config: dict) -> list[str]:
     return ["model.embed_tokens", "model.norm", "lm_head"] + layers
 
 
-def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32") -> Path:
-    """Convert a transformers fixture folder into a GGUF file as llama.cpp's converter would."""
+def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32", int8: str | None = None) -> Path:
+    """Convert a transformers fixture folder into a GGUF file as llama.cpp's converter would
+    (``int8``: store that checkpoint tensor as I8, a type no dequantizer handles)."""
     import gguf
     from gguf.quants import quantize
 
@@ -97,7 +98,9 @@ def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32") -> Pat
             array = permute(array, heads if module.endswith("q_proj") else kv_heads)
         if arch.startswith("gemma") and module.endswith("norm") and leaf == "weight":
             array = array + 1.0
-        if qtype != "F32" and array.ndim == 2:
+        if hf == int8:
+            writer.add_tensor(name, np.round(array * 100).astype(np.int8))
+        elif qtype != "F32" and array.ndim == 2:
             kind = getattr(gguf.GGMLQuantizationType, qtype)
             writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
         else:

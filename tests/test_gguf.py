@@ -134,6 +134,16 @@ def test_bad_gguf_files_are_one_clear_error(written, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: "), err
 
 
+def test_a_tensor_type_nothing_dequantizes_is_named(fixture_path, tmp_path, capsys):
+    from mrs.cli import main
+
+    path = write_gguf(fixture_path("llama"), tmp_path / "int8.gguf", "llama", int8="model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight has type I8"):
+        mrs.load(path)
+    assert main(["generate", "hi", "--model", str(path), "--max-tokens", "2"]) != 0
+    assert "I8" in capsys.readouterr().err
+
+
 # --- the real Gemma 3 270M Q4_K_M -----------------------------------------------------
 
 GEMMA_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
