@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,6 @@ from mrs import gguf_header
 from mrs.errors import NotAModelError, UnsupportedModelError, WeightsError
 
 log = logging.getLogger(__name__)
-
-MAGIC = b"GGUF"
 
 # GGUF architecture -> the transformers model_type mrs parses it as.
 MODEL_TYPES = {"llama": "llama", "granite": "granite", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
@@ -48,7 +46,7 @@ def is_gguf(path: Path) -> bool:
     """A file that starts with GGUF's magic (the suffix alone could lie)."""
     try:
         with open(path, "rb") as f:
-            return f.read(4) == MAGIC
+            return f.read(4) == gguf_header.MAGIC
     except OSError:
         return False
 
@@ -259,12 +257,21 @@ def tokenizer(model: GGUFModel) -> Any:
 
 
 def summary(path: Path) -> dict:
-    """What `list`, `show` and /api/tags report of a GGUF file, from its header alone."""
+    """What `list`, `show` and /api/tags report of a GGUF file, from its header alone; kept
+    per (file, size, mtime), since a vocabulary's header takes a while to read and /api/tags
+    asks on every call."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return dict(_summary(path, stat.st_size, stat.st_mtime_ns))
+
+
+@lru_cache(maxsize=256)
+def _summary(path: Path, size: int, mtime_ns: int) -> dict:
     import hashlib
 
     from gguf import LlamaFileType
 
-    model = GGUFModel(Path(path))
+    model = GGUFModel(path)
     stat = model.path.stat()
     arch = model.architecture
     parameters = sum(t.n_elements for t in model.tensor_infos.values())

@@ -26,6 +26,7 @@ from mrs.errors import UnsupportedModelError, WeightsError
 # GGUF value type -> struct format (8 = string, 9 = array)
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9
+MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
 
@@ -105,7 +106,7 @@ def read(path: Path) -> Header:
     except (OSError, ValueError) as e:
         raise WeightsError(f"cannot read GGUF file {path.name}: {e}") from e
     cursor = _Cursor(memoryview(data), path.name)
-    if bytes(data[:4]) != b"GGUF":
+    if bytes(data[:4]) != MAGIC:
         raise WeightsError(f"{path.name} is not a GGUF file (no GGUF magic)")
     cursor.at = 4
     version = cursor.take("I")

@@ -77,6 +77,11 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return store.validate_name(base), quant
 
 
+def _quant_of(path: str) -> str:
+    """The quant a GGUF file name ends with: 'tiny-Q4_K_M.gguf' -> 'Q4_K_M'."""
+    return re.split(r"[-.]", path.rsplit("/", 1)[-1][: -len(".gguf")])[-1]
+
+
 def select_gguf(name: str, quant: str, entries: dict[str, Any]) -> str:
     """The one .gguf file of a repo whose name carries ``quant`` (Q4_K_M matches *-Q4_K_M.gguf)."""
     ggufs = sorted(p for p in entries if p.lower().endswith(".gguf") and "mmproj" not in p.lower())
@@ -85,7 +90,7 @@ def select_gguf(name: str, quant: str, entries: dict[str, Any]) -> str:
     if not ggufs:
         raise NotAModelError(f"'{name}' has no .gguf files; pull it without ':{quant}'")
     if not chosen:
-        quants = sorted({re.split(r"[-.]", p[:-5])[-1] for p in ggufs})
+        quants = sorted({_quant_of(p) for p in ggufs})
         raise NotAModelError(f"'{name}' has no {quant} GGUF; it has {', '.join(quants)}")
     if len(chosen) > 1:
         raise UnsupportedModelError(f"'{name}' splits {quant} over {len(chosen)} files ({', '.join(chosen[:3])}); "
@@ -228,8 +233,8 @@ def select_files(entries: dict[str, Any], index: dict | None) -> list[str]:
 def _check_repo(name: str, entries: dict[str, Any], wanted: list[str]) -> None:
     if "config.json" not in entries:
         ggufs = sorted(p for p in entries if p.lower().endswith(".gguf"))
-        hint = (f"; it holds GGUF files: pull one quant as '{name}:QUANT', e.g. '{name}:"
-                f"{re.split(r'[-.]', ggufs[0][:-5])[-1]}'" if ggufs else "; look for another with `mrs search`")
+        hint = (f"; it holds GGUF files: pull one quant as '{name}:QUANT', e.g. '{name}:{_quant_of(ggufs[0])}'"
+                if ggufs else "; look for another with `mrs search`")
         raise NotAModelError(f"'{name}' has no config.json, so it is not a Hugging Face transformers model{hint}")
     if not any(p.endswith(".safetensors") for p in wanted):
         others = sorted(p for p in entries if p.endswith((".bin", ".pt", ".pth", ".gguf", ".ckpt")))[:3]

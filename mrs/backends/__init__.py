@@ -124,18 +124,11 @@ class Runner(Protocol):
         """Compilations held outside ``steps`` (embedding shapes)."""
 
 
-Loader = Callable[..., Runner]
-
-# Backend name -> module with ``load(path, family, config, *, dtype, device) -> Runner`` and
-# ``claims(device) -> bool``; imported on first use, so `mrs --help` never imports jax.
+# Backend name -> the module whose ``load(path, family, config, *, dtype, device, **options)``
+# returns a Runner; imported on first use, so `mrs --help` never imports jax. A new backend
+# adds its entry here (the MLX one: "mlx": "mrs.backends.mlx").
 BACKENDS: dict[str, str] = {"jax": "mrs.backends.jax"}
 _LOADED: dict[str, Any] = {}
-
-
-def register(name: str, module: Any) -> None:
-    """Add a backend: a module (or object) with ``load`` and ``claims``."""
-    _LOADED[name] = module
-    BACKENDS[name] = getattr(module, "__name__", name)
 
 
 def backend(name: str) -> Any:
@@ -148,7 +141,7 @@ def backend(name: str) -> Any:
 
 
 def for_device(device: str | None) -> Any:
-    """The backend that runs ``device`` ('auto', 'cpu', 'gpu', 'tpu', or a registered backend's name)."""
+    """The backend that runs ``device``: a BACKENDS name, else JAX ('auto', 'cpu', 'gpu', 'tpu')."""
     device = device or "auto"
     if device in BACKENDS and device != "jax":
         return backend(device)

@@ -186,14 +186,13 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     if model.family.kind != "causal":
         raise MrsError(f"model {model.name} is an {model.family.kind} model: it embeds text but cannot generate; "
                        "use `mrs embed` / mrs.embed()")
-    defaults = getattr(model, "default_options", None) or {}
+    defaults = model.default_options            # what the model's packaging asks for (Ollama's params)
     sampling = {**{k: v for k, v in defaults.items() if k in SAMPLING_KEYS},
                 **{k: v for k, v in sampling.items() if v is not None}}
     stops = _stop_strings(defaults.get("stop") if stop is None else stop)
     params = _sampling_rows(len(prompts), sampling)
-    default_system = getattr(model, "default_system", None)
-    encoded = [encode_prompt(model, p, system if system is not None or not _without_system(p) else default_system)
-               for p in prompts]
+    encoded = [encode_prompt(model, p, system if system is not None or not _without_system(p)
+                             else model.default_system) for p in prompts]
     batch = len(encoded)
     longest = max(len(ids) for ids in encoded)
     runner = model.runner

@@ -34,10 +34,6 @@ NAME = "jax"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def claims(device: str) -> bool:
-    return device in ("auto", "cpu", "gpu", "tpu", "cuda", "rocm")
-
-
 def pick_device(device: str | None) -> jax.Device:
     """'auto' | 'cpu' | 'gpu' | 'tpu' -> a JAX device, with a clear error if absent."""
     device = device or "auto"

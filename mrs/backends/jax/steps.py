@@ -118,12 +118,13 @@ class JaxPending:
         self._read: Sampled | None = None
 
     def read(self, top: bool = False) -> Sampled:
-        if self._read is None or (top and self._read.top_ids.shape[1] != self.result.top_ids.shape[1]):
-            r = self.result
-            none = np.zeros((r.tokens.shape[0], 0))
-            self._read = Sampled(np.asarray(r.tokens), np.asarray(r.logprobs),
-                                 np.asarray(r.top_ids) if top else none.astype(np.int32),
-                                 np.asarray(r.top_logprobs) if top else none.astype(np.float32))
+        r = self.result
+        if self._read is None:      # tokens and log-probs once; the alternatives only when asked
+            empty = np.zeros((r.tokens.shape[0], 0))
+            self._read = Sampled(np.asarray(r.tokens), np.asarray(r.logprobs), empty.astype(np.int32),
+                                 empty.astype(np.float32))
+        if top and self._read.top_ids.shape[1] != r.top_ids.shape[1]:
+            self._read = self._read._replace(top_ids=np.asarray(r.top_ids), top_logprobs=np.asarray(r.top_logprobs))
         return self._read
 
 
