@@ -87,6 +87,8 @@ def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32", int8: 
     writer.add_eos_token_id(config["eos_token_id"])
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", False)))
+    if tokenizer_config.get("chat_template"):
+        writer.add_chat_template(tokenizer_config["chat_template"])
 
     for hf, array in tensors.items():
         module, _, leaf = hf.rpartition(".")

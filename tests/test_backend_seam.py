@@ -81,6 +81,12 @@ def test_a_chat_session_on_the_numpy_backend_prefills_only_the_new_turn(toy):
     # The session holds exactly the tokens the model saw: the turn's prompt, then the reply but its last token.
     target = session._cached[: len(session._cached) - 5]
     assert session.last.token_ids == reference_greedy(toy.runner.weights, target, 6)
+    # An edited history shares only a prefix: a cache that cannot rewind (this toy's, like
+    # Mamba's) starts over instead of reusing it.
+    edited = [{"role": "user", "content": "hello there, friend"}]
+    "".join(session.stream(edited, max_tokens=2, temperature=0, ignore_eos=True))
+    rendered = toy.tokenizer.apply_chat_template(edited, add_generation_prompt=True)
+    assert session.last_prefill_tokens == len(toy.tokenizer.encode(rendered, add_special_tokens=False))
 
 
 def test_the_continuous_batcher_runs_on_the_numpy_backend(toy):

@@ -39,13 +39,30 @@ def manifest(store: Path, name: str, tag: str, layers: list[dict], namespace: st
     return path
 
 
+PROMPT = [1, 17, 42, 99]
+
+
 @pytest.fixture(scope="module")
-def store(fixture_path, tmp_path_factory) -> Path:
+def greedy(fixture_path):
+    """The folder model's greedy answer to PROMPT (what the store's model must give under its params)."""
+    return mrs.generate(mrs.load(str(fixture_path("llama"))), PROMPT, max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def store_params(greedy) -> dict:
+    """temperature 0 and top_k 1, and a stop string the greedy answer runs into: a params layer
+    whose every option shows in the output."""
+    assert len(greedy.text) >= 4, greedy.text
+    return {"temperature": 0, "top_k": 1, "stop": [greedy.text[-3:]]}
+
+
+@pytest.fixture(scope="module")
+def store(fixture_path, tmp_path_factory, store_params) -> Path:
     root = tmp_path_factory.mktemp("ollama")
     gguf = write_gguf(fixture_path("llama"), root / "tiny.gguf", "llama")
     model = {"mediaType": ollama_store.MODEL, **blob(root, gguf.read_bytes())}
     gguf.unlink()
-    params = {"mediaType": ollama_store.PARAMS, **blob(root, json.dumps(PARAMS).encode())}
+    params = {"mediaType": ollama_store.PARAMS, **blob(root, json.dumps(store_params).encode())}
     system = {"mediaType": ollama_store.SYSTEM, **blob(root, SYSTEM.encode())}
     manifest(root, "tiny", "latest", [model, params, system])
     manifest(root, "tiny", "q8", [model])
@@ -60,9 +77,9 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_names_resolve_to_the_gguf_blob_with_its_defaults(store):
+def test_names_resolve_to_the_gguf_blob_with_its_defaults(store, store_params):
     found = ollama_store.resolve("tiny", store)
-    assert found.gguf.name.startswith("sha256-") and found.options == PARAMS and found.system == SYSTEM
+    assert found.gguf.name.startswith("sha256-") and found.options == store_params and found.system == SYSTEM
     assert ollama_store.resolve("library/tiny:latest", store).gguf == found.gguf
     assert ollama_store.resolve("registry.ollama.ai/library/tiny:q8", store).options == {}
     for bad in ("../etc/passwd", "tiny:../../x", "a/b/c/d", "", ".hidden"):
@@ -79,16 +96,21 @@ def test_manifests_mrs_cannot_run_are_clear_errors(store):
         ollama_store.resolve("gone", store)
 
 
-def test_an_ollama_model_runs_by_name_with_its_default_options(store, fixture_path, tmp_path, monkeypatch):
+def test_an_ollama_model_runs_by_name_with_its_default_options(store, store_params, greedy, tmp_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
     before = snapshot(store)
     model = mrs.load("tiny", home=tmp_path)
-    assert model.name == "tiny:latest" and model.default_options == PARAMS and model.default_system == SYSTEM
-    golden = mrs.load(str(fixture_path("llama")))
-    prompt = [1, 17, 42, 99]
-    # temperature 0 comes from the params layer: the answer is the folder model's greedy one
-    assert mrs.generate(model, prompt, max_tokens=8).token_ids == mrs.generate(
-        golden, prompt, max_tokens=8, temperature=0).token_ids
+    assert model.name == "tiny:latest" and model.default_options == store_params and model.default_system == SYSTEM
+    # greedy from the params layer, and cut at its stop string
+    done = mrs.generate(model, PROMPT, max_tokens=8, ignore_eos=True)
+    stop = store_params["stop"][0]
+    assert done.finish_reason == "stop" and done.text == greedy.text[:greedy.text.find(stop)]
+    assert done.token_ids == greedy.token_ids[:len(done.token_ids)]
+    # the system layer is the system prompt of chat messages that bring none
+    chat = [{"role": "user", "content": "hi"}]
+    expected = model.tokenizer.encode_chat([{"role": "system", "content": SYSTEM}] + chat)
+    assert mrs.generate(model, chat, max_tokens=1).prompt_tokens == len(expected)
+    assert mrs.generate(model, [{"role": "system", "content": "x"}] + chat, max_tokens=1).prompt_tokens < len(expected)
     assert resolve_name(tmp_path, "tiny") == ("tiny:latest", model.path)
     assert snapshot(store) == before
 
