@@ -192,7 +192,9 @@ class CLI:
                 rows.append(store.model_info(path))
             except MrsError as e:
                 rows.append({"name": store.model_name(path), "path": str(path), "error": str(e)})
-        rows += store.ollama_infos()
+        from mrs import ollama_store
+
+        rows += ollama_store.infos()
         if format == "json":
             return _print_json(rows)
         if not rows:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mrs.errors import InvalidModelNameError, ModelNotFoundError, NotAModelError, UnsupportedModelError
+from mrs.errors import InvalidModelNameError, ModelNotFoundError, MrsError, NotAModelError, UnsupportedModelError
 
 DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
 MODEL, PARAMS, SYSTEM = ("application/vnd.ollama.image.model", "application/vnd.ollama.image.params",
@@ -164,3 +164,20 @@ def list_models(store: Path | None = None) -> list[OllamaModel | tuple[str, Exce
         except (NotAModelError, UnsupportedModelError) as e:
             found.append((name, e))
     return found
+
+
+def infos(store: Path | None = None) -> list[dict]:
+    """``model_info`` rows of the store's models (``source: ollama``), for `mrs list` and /api/tags;
+    a model mrs cannot read is a row with its error."""
+    from mrs import store as mrs_store
+
+    rows = []
+    for entry in list_models(store):
+        if isinstance(entry, tuple):
+            rows.append({"name": entry[0], "error": str(entry[1]), "source": "ollama"})
+            continue
+        try:
+            rows.append(mrs_store.model_info(entry.gguf) | {"name": entry.name, "source": "ollama"})
+        except MrsError as e:
+            rows.append({"name": entry.name, "error": str(e), "source": "ollama"})
+    return rows

@@ -141,22 +141,6 @@ def check_model_folder(path: Path) -> None:
         raise NotAModelError(f"model folder {path} has no *.safetensors weights{hint}")
 
 
-def ollama_infos() -> list[dict]:
-    """model_info rows of the models in Ollama's store (read-only), marked ``source: ollama``."""
-    from mrs import ollama_store
-
-    rows = []
-    for entry in ollama_store.list_models():
-        if isinstance(entry, tuple):
-            rows.append({"name": entry[0], "error": str(entry[1]), "source": "ollama"})
-            continue
-        try:
-            rows.append(model_info(entry.gguf) | {"name": entry.name, "source": "ollama"})
-        except MrsError as e:
-            rows.append({"name": entry.name, "error": str(e), "source": "ollama"})
-    return rows
-
-
 def list_models(home: Path) -> list[Path]:
     """Model folders under ``home`` (complete ones only: temp folders are skipped)."""
     if not Path(home).is_dir():

@@ -18,7 +18,7 @@ from sanic import Request
 from sanic.response import HTTPResponse, text
 
 import mrs
-from mrs import store
+from mrs import ollama_store, store
 from mrs.engine.models import Loaded, resolve_name
 from mrs.errors import InvalidParameterError, MrsError
 from mrs.families import resolve as resolve_family
@@ -304,7 +304,7 @@ def list_infos(home: Path, extra: dict[str, Path] | None = None) -> list[dict]:
             infos.append(store.model_info(path) | {"name": name})
         except MrsError:
             continue
-    return infos + [row for row in store.ollama_infos() if "error" not in row]
+    return infos + [row for row in ollama_store.infos() if "error" not in row]
 
 
 async def _in_thread(fn, *args, **kwargs):
