@@ -2,7 +2,7 @@
 
 A GGUF holds a model's metadata, tokenizer and tensors in one file. This module turns
 them into what a Hugging Face folder would have given: a config.json dict each family
-parses (``hf_config``), checkpoint tensors under transformers' names with llama.cpp's
+parses (``hf_config``, in mrs/gguf_config.py), checkpoint tensors under transformers' names with llama.cpp's
 converter transforms undone (``tensors``), and a tokenizer (mrs/gguf_tokenizer.py).
 Quantized tensors are dequantized to float32 here, one at a time, with
 ``gguf.quants``; the backend casts them to its compute dtype as they arrive.
@@ -11,6 +11,10 @@ The converter's transforms, checked against transformers' GGUF loader and llama.
 - ``llama`` (Llama, Mistral) and ``granite`` rows of Q and K are permuted for
   llama.cpp's interleaved rotary layout: undone per head;
 - Gemma's RMSNorm weights are stored as ``1 + w``: 1 is subtracted again;
+- Mamba's ``A_log`` is stored as ``A = -exp(A_log)`` and its conv1d kernels squeezed
+  to [channels, kernel]: both undone;
+- older Phi-2 checkpoints' fused ``Wqkv`` is split into q, k and v;
+- Phi-3's longrope factors are tensors, read into the config;
 - a model without ``output.weight`` ties its head to the token embeddings.
 """
 
@@ -25,21 +29,31 @@ from typing import Any
 
 import numpy as np
 
-from mrs import gguf_header
+from mrs import gguf_config, gguf_header
 from mrs.errors import NotAModelError, UnsupportedModelError, WeightsError
 
 log = logging.getLogger(__name__)
 
-# GGUF architecture -> the transformers model_type mrs parses it as.
-MODEL_TYPES = {"llama": "llama", "granite": "granite", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-               "gemma2": "gemma2", "gemma3": "gemma3_text"}
 PERMUTED_QK = ("llama", "granite")   # archs whose converter permutes Q/K rows (LlamaModel.permute)
-# Granite's multipliers: GGUF key -> config.json key
-GRANITE_SCALES = {"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
-                  "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}
 GEMMA_NORMS = ("gemma", "gemma2", "gemma3")
-# Tensors llama.cpp writes that transformers recomputes from the config.
-DERIVED = ("rope_freqs.weight",)
+# Tensors llama.cpp writes that transformers recomputes, or reads as config (Phi-3's longrope factors).
+DERIVED = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+# The transformers modules each architecture's tensors come from (the converter's names, mapped back).
+_LLAMA_LAYER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
+                "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_LLAMA = (("model.embed_tokens", "model.norm", "lm_head"), _LLAMA_LAYER)
+MODULES = {arch: _LLAMA for arch in ("llama", "granite", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")}
+MODULES["phi3"] = (("model.embed_tokens", "model.norm", "lm_head"),
+                   ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "input_layernorm",
+                    "post_attention_layernorm"))
+MODULES["phi2"] = (("model.embed_tokens", "model.final_layernorm", "lm_head"),
+                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj",
+                    "self_attn.dense", "mlp.fc1", "mlp.fc2", "input_layernorm"))
+MODULES["mamba"] = (("backbone.embeddings", "backbone.norm_f", "lm_head"),
+                    ("norm", "mixer.in_proj", "mixer.conv1d", "mixer.x_proj", "mixer.dt_proj", "mixer.A_log",
+                     "mixer.D", "mixer.out_proj"))
 
 
 def is_gguf(path: Path) -> bool:
@@ -83,69 +97,16 @@ class GGUFModel:
 
     def hf_config(self) -> dict:
         """The config.json transformers would write for this model (what the families read)."""
-        arch = self.architecture
-        if arch not in MODEL_TYPES:
-            raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported "
-                                        f"(supported: {', '.join(sorted(MODEL_TYPES))})")
-        need = lambda key: self._required(f"{arch}.{key}")  # noqa: E731
-        heads = int(need("attention.head_count"))
-        hidden = int(need("embedding_length"))
-        config: dict[str, Any] = {
-            "model_type": MODEL_TYPES[arch],
-            "vocab_size": self.vocab_size,
-            "hidden_size": hidden,
-            "intermediate_size": int(need("feed_forward_length")),
-            "num_hidden_layers": int(need("block_count")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(self.arch_field("attention.head_count_kv", heads)),
-            "head_dim": int(self.arch_field("attention.key_length", hidden // heads)),
-            "max_position_embeddings": int(self.arch_field("context_length", 2048)),
-            "rms_norm_eps": float(self.arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(self.arch_field("rope.freq_base", 10000.0)),
-            "tie_word_embeddings": "output.weight" not in self.tensor_infos,
-            "bos_token_id": self.field("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self.field("tokenizer.ggml.eos_token_id"),
-        }
-        scaling = self.arch_field("rope.scaling.type")
-        if scaling and scaling != "none":
-            factor = float(self.arch_field("rope.scaling.factor", 1.0))
-            config["rope_scaling"] = {"rope_type": scaling, "factor": factor}
-            original = self.arch_field("rope.scaling.original_context_length")
-            if original:
-                config["rope_scaling"]["original_max_position_embeddings"] = int(original)
-        window = self.arch_field("attention.sliding_window")
-        if window:
-            config["sliding_window"] = int(window)
-            if arch in ("qwen2", "qwen3"):
-                config["use_sliding_window"] = True
-        if arch == "granite":
-            for key, name in GRANITE_SCALES.items():
-                if self.arch_field(key) is not None:
-                    config[name] = float(self.arch_field(key))
-        if arch == "qwen2":
-            config["attention_bias"] = "blk.0.attn_q.bias" in self.tensor_infos
-        if arch in ("gemma2", "gemma3"):
-            # The file has no query_pre_attn_scalar: llama.cpp scales queries by 1/sqrt(head_dim),
-            # except for the 27B models (46 and 62 layers), scaled by 1/sqrt(hidden / heads).
-            big = config["num_hidden_layers"] == (46 if arch == "gemma2" else 62)
-            config["query_pre_attn_scalar"] = hidden // heads if big else config["head_dim"]
-        if arch == "gemma2":
-            config["attn_logit_softcapping"] = self.arch_field("attn_logit_softcapping", 50.0)
-            config["final_logit_softcapping"] = self.arch_field("final_logit_softcapping", 30.0)
-        if arch == "gemma3":
-            config["final_logit_softcapping"] = self.arch_field("final_logit_softcapping")
-            pattern = self.arch_field("attention.sliding_window_pattern")
-            if isinstance(pattern, list):       # newer files: one bool per layer (True = sliding)
-                config["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
-            elif pattern:
-                config["sliding_window_pattern"] = int(pattern)
-        return config
+        return gguf_config.hf_config(self)
 
-    def _required(self, key: str) -> Any:
-        value = self.field(key)
-        if value is None:
-            raise NotAModelError(f"GGUF file {self.path.name} lacks the metadata key {key}")
-        return value
+    def small_tensor(self, name: str) -> np.ndarray:
+        """One tensor read whole, as float32 (metadata kept as tensors: rope factors)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        info = self.tensor_infos[name]
+        raw = gguf_header.tensor_bytes(self.header, info, self.path.name)
+        return np.asarray(dequantize(raw, GGMLQuantizationType(info.type)), np.float32).reshape(info.shape)
 
     @property
     def vocab_size(self) -> int:
@@ -161,15 +122,12 @@ class GGUFModel:
         import gguf
 
         arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.architecture), None)
-        if arch is None:
-            raise UnsupportedModelError(f"the gguf package knows no architecture {self.architecture!r}")
+        if arch is None or self.architecture not in MODULES:
+            raise UnsupportedModelError(f"mrs reads no tensors of GGUF architecture {self.architecture!r}")
         names = gguf.get_tensor_name_map(arch, layers)
-        per_layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "self_attn.qkv_proj", "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj",
-                     "mlp.down_proj", "mlp.gate_up_proj", "input_layernorm", "post_attention_layernorm",
-                     "pre_feedforward_layernorm", "post_feedforward_layernorm"]
-        candidates = ["model.embed_tokens", "model.norm", "lm_head"]
-        candidates += [f"model.layers.{i}.{m}" for i in range(layers) for m in per_layer]
+        top, per_layer = MODULES[self.architecture]
+        prefix = "backbone" if self.architecture == "mamba" else "model"
+        candidates = list(top) + [f"{prefix}.layers.{i}.{m}" for i in range(layers) for m in per_layer]
         out: dict[str, str] = {}
         for hf in candidates:
             base = names.get_name(hf)
@@ -177,7 +135,7 @@ class GGUFModel:
                 out.setdefault(base, hf)
         return out
 
-    def tensors(self, layers: int, heads: int, kv_heads: int) -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(self, layers: int, heads: int = 0, kv_heads: int = 0) -> Iterator[tuple[str, np.ndarray]]:
         """(transformers name, float32 array) for every tensor, converter transforms undone."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
@@ -187,10 +145,13 @@ class GGUFModel:
         for name, info in self.tensor_infos.items():
             if name in DERIVED:
                 continue
-            base, _, leaf = name.rpartition(".")
-            if base not in names:
-                raise UnsupportedModelError(f"GGUF tensor {name} of a {arch} model has no place in mrs's model")
-            hf_name = f"{names[base]}.{leaf}"
+            if name in names:               # Mamba's ssm_a and ssm_d: a parameter, no .weight
+                base, leaf, hf_name = name, "", names[name]
+            else:
+                base, _, leaf = name.rpartition(".")
+                if base not in names:
+                    raise UnsupportedModelError(f"GGUF tensor {name} of a {arch} model has no place in mrs's model")
+                hf_name = f"{names[base]}.{leaf}"
             try:
                 raw = gguf_header.tensor_bytes(self.header, info, self.path.name)   # checks the type is known
                 array = dequantize(raw, GGMLQuantizationType(info.type))
@@ -205,11 +166,28 @@ class GGUFModel:
                 array = np.asarray(array, np.float32).reshape(shape)
             except ValueError as e:
                 raise WeightsError(f"GGUF tensor {name} holds {array.size} values, not the {shape} it declares") from e
-            if arch in PERMUTED_QK and base.endswith(("attn_q", "attn_k")) and leaf == "weight":
-                array = unpermute(array, heads if base.endswith("attn_q") else kv_heads)
-            if arch in GEMMA_NORMS and base.endswith("norm") and leaf == "weight":
-                array = array - 1.0
-            yield hf_name, array
+            yield from undo_converter(arch, base, leaf, hf_name, array, heads, kv_heads)
+
+
+def undo_converter(arch: str, base: str, leaf: str, hf_name: str, array: np.ndarray, heads: int,
+                   kv_heads: int) -> Iterator[tuple[str, np.ndarray]]:
+    """One GGUF tensor back in transformers' layout (see the module docstring)."""
+    if arch in PERMUTED_QK and base.endswith(("attn_q", "attn_k")) and leaf == "weight":
+        array = unpermute(array, heads if base.endswith("attn_q") else kv_heads)
+    elif arch in GEMMA_NORMS and base.endswith("norm") and leaf == "weight":
+        array = array - 1.0
+    elif arch == "mamba" and base.endswith("ssm_a"):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            array = np.log(-array)          # the converter stores A = -exp(A_log)
+    elif arch == "mamba" and base.endswith("ssm_conv1d") and leaf == "weight":
+        array = array[:, None, :]           # the converter squeezed Conv1d's [channels, 1, kernel]
+    elif arch == "phi2" and base.endswith("attn_qkv"):
+        # Older Phi-2 checkpoints fuse q, k and v (Wqkv); heads == kv heads, so thirds.
+        module = hf_name.removesuffix(f".{leaf}").removesuffix("qkv_proj")
+        for part, x in zip(("q_proj", "k_proj", "v_proj"), np.split(array, 3, axis=0), strict=True):
+            yield f"{module}{part}.{leaf}", x
+        return
+    yield hf_name, array
 
 
 def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -227,7 +205,8 @@ class GGUFTensors:
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
-        return self.model.tensors(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads)
+        return self.model.tensors(c.num_hidden_layers, getattr(c, "num_attention_heads", 0),
+                                  getattr(c, "num_key_value_heads", 0))
 
     def __str__(self) -> str:
         return str(self.model.path)
@@ -292,7 +271,7 @@ def _summary(path: Path, size: int, mtime_ns: int) -> dict:
         f"{model.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     return {
         "name": model.path.stem, "path": str(model.path), "architecture": arch,
-        "model_type": MODEL_TYPES.get(arch, arch), "family": arch, "parameters": parameters,
+        "model_type": gguf_config.MODEL_TYPES.get(arch, arch), "family": arch, "parameters": parameters,
         "dtype": dtype, "size_bytes": stat.st_size, "modified": stat.st_mtime,
         "context_length": model.arch_field("context_length"),
         "embedding_length": model.arch_field("embedding_length"),

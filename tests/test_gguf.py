@@ -38,9 +38,11 @@ def written(fixture_path, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["llama", "granite", "qwen2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "granite", "qwen2", "gemma3", "phi3", "phi"])
 def test_a_gguf_written_from_a_fixture_matches_transformers_on_it(written, fixture_path, name):
-    """Q/K unpermuted (llama), biases (qwen2), norms minus one and per-layer rope (gemma3)."""
+    """Q/K unpermuted (llama), biases (qwen2), norms minus one and per-layer rope (gemma3),
+    longrope factors read from tensors and partial rotary (phi3), a fused Wqkv split and
+    the MLP width taken from the tensors, not the metadata (phi, as the phi2 arch)."""
     _, model = written(name)
     golden = dict(np.load(fixture_path(name) / "golden.npz"))
     np.testing.assert_allclose(model.logits(golden["logits_ids"]), golden["logits"], atol=LOGITS_TOLERANCE, rtol=0)
@@ -48,6 +50,50 @@ def test_a_gguf_written_from_a_fixture_matches_transformers_on_it(written, fixtu
     done = mrs.generate(model, prompt, max_tokens=24, temperature=0, ignore_eos=True)
     assert done.token_ids == golden["greedy_1"].tolist()[:24]
     assert model.family.name == mrs.load(str(fixture_path(name))).family.name
+
+
+def test_a_mamba_gguf_matches_its_safetensors_twin(written, fixture_path):
+    """A = -exp(A_log) taken back to A_log, conv kernels unsqueezed, no attention metadata."""
+    _, model = written("mamba")
+    twin = mrs.load(str(fixture_path("mamba")))
+    golden = dict(np.load(fixture_path("mamba") / "golden.npz"))
+    import dataclasses
+
+    eps = twin.config.layer_norm_epsilon                   # GGUF keeps it as a float32
+    assert model.config.layer_norm_epsilon == pytest.approx(eps, rel=1e-6)
+    assert dataclasses.replace(model.config, layer_norm_epsilon=eps) == twin.config
+    np.testing.assert_allclose(model.logits(golden["logits_ids"]), twin.logits(golden["logits_ids"]),
+                               atol=LOGITS_TOLERANCE, rtol=0)
+    done = mrs.generate(model, golden["prompt_1"][0].tolist(), max_tokens=24, temperature=0, ignore_eos=True)
+    assert done.token_ids == golden["greedy_1"].tolist()[:24]
+
+
+def test_gguf_configs_read_what_the_converter_wrote(written, fixture_path):
+    """The values the converter hides: Phi-3's factors (tensors), Phi-2's MLP (4 x hidden in
+    the metadata), rotary widths (rope.dimension_count)."""
+    import json
+
+    phi3 = written("phi3")[1].config
+    source = json.loads((fixture_path("phi3") / "config.json").read_text())
+    np.testing.assert_allclose(phi3.rope.long_factor, source["rope_scaling"]["long_factor"], rtol=1e-7)
+    np.testing.assert_allclose(phi3.rope.short_factor, source["rope_scaling"]["short_factor"], rtol=1e-7)
+    assert phi3.rope.original_max_position == source["original_max_position_embeddings"]
+    assert phi3.rope.rotary_dim == 12 and phi3.sliding_window is None
+    phi = written("phi")[1].config
+    assert phi.intermediate_size == 128 and phi.rope.rotary_dim == 8 and phi.model_type == "phi"
+
+
+def test_a_falcon_mamba_gguf_is_refused_by_name(fixture_path, tmp_path):
+    import gguf
+
+    path = write_gguf(fixture_path("mamba"), tmp_path / "mamba.gguf", "mamba")
+    reader = gguf.GGUFReader(path)
+    field = reader.fields["mamba.ssm.dt_b_c_rms"]
+    data = path.read_bytes()
+    at = int(field.offset) + sum(p.nbytes for p in field.parts[:-1])   # the bool's own byte
+    (tmp_path / "falcon.gguf").write_bytes(data[:at] + b"\x01" + data[at + 1:])
+    with pytest.raises(UnsupportedModelError, match="Falcon-Mamba"):
+        mrs.load(tmp_path / "falcon.gguf")
 
 
 def test_gemma2_soft_caps_and_windows_come_from_the_metadata(written, fixture_path, tmp_path):
@@ -78,11 +124,12 @@ def dequantized_twin(source: Path, out: Path, qtype: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
-def test_quantized_gguf_tensors_load_as_their_dequantized_values(written, fixture_path, tmp_path, qtype):
-    _, model = written("llama", qtype)
-    twin = mrs.load(str(dequantized_twin(fixture_path("llama"), tmp_path / "twin", qtype)))
-    ids = dict(np.load(fixture_path("llama") / "golden.npz"))["logits_ids"]
+@pytest.mark.parametrize("name,qtype", [("llama", "Q8_0"), ("llama", "Q4_0"), ("phi3", "Q8_0")])
+def test_quantized_gguf_tensors_load_as_their_dequantized_values(written, fixture_path, tmp_path, name, qtype):
+    """phi3: quantized blocks of fused q/k/v and gate/up rows, split after dequantizing."""
+    _, model = written(name, qtype)
+    twin = mrs.load(str(dequantized_twin(fixture_path(name), tmp_path / "twin", qtype)))
+    ids = dict(np.load(fixture_path(name) / "golden.npz"))["logits_ids"]
     np.testing.assert_allclose(model.logits(ids), twin.logits(ids), atol=LOGITS_TOLERANCE, rtol=0)
 
 
@@ -137,7 +184,7 @@ def test_bad_gguf_files_are_one_clear_error(written, tmp_path, capsys):
 def test_a_tensor_type_nothing_dequantizes_is_named(fixture_path, tmp_path, capsys):
     from mrs.cli import main
 
-    path = write_gguf(fixture_path("llama"), tmp_path / "int8.gguf", "llama", int8="model.layers.0.mlp.up_proj.weight")
+    path = write_gguf(fixture_path("llama"), tmp_path / "int8.gguf", "llama", int8="blk.0.ffn_up.weight")
     with pytest.raises(UnsupportedModelError, match=r"blk\.0\.ffn_up\.weight has type I8"):
         mrs.load(path)
     assert main(["generate", "hi", "--model", str(path), "--max-tokens", "2"]) != 0
