@@ -107,10 +107,11 @@ class LiveServer:
 
 OLLAMA_MODEL = "tiny:latest"
 OLLAMA_PARAMS = {"temperature": 0, "stop": ["zzzz"]}
+OLLAMA_SYSTEM = "You answer in one word."
 
 
 def build_ollama_store(root: Path, llama_folder: Path) -> None:
-    """manifests/registry.ollama.ai/library/tiny/latest -> a GGUF of the llama fixture + params."""
+    """manifests/registry.ollama.ai/library/tiny/latest -> a GGUF of the llama fixture + params + system."""
     import hashlib
     import json
 
@@ -126,7 +127,8 @@ def build_ollama_store(root: Path, llama_folder: Path) -> None:
 
     gguf = write_gguf(llama_folder, root / "tiny.gguf", "llama")
     layers = [blob("application/vnd.ollama.image.model", gguf.read_bytes()),
-              blob("application/vnd.ollama.image.params", json.dumps(OLLAMA_PARAMS).encode())]
+              blob("application/vnd.ollama.image.params", json.dumps(OLLAMA_PARAMS).encode()),
+              blob("application/vnd.ollama.image.system", OLLAMA_SYSTEM.encode())]
     gguf.unlink()
     manifest = root / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
     manifest.parent.mkdir(parents=True)

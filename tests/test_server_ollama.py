@@ -12,6 +12,7 @@ from server_fixtures import (
     DETAILS,
     LLAMA,
     OLLAMA_MODEL,
+    OLLAMA_SYSTEM,
     check_ollama_chunk,
     check_ollama_error,
     check_types,
@@ -401,4 +402,35 @@ def test_a_model_of_ollamas_store_is_listed_and_served_by_its_name(live_server):
     ours = c.post("/api/generate", json={"model": LLAMA, **ask,
                                          "options": {"num_predict": 8, "seed": 0, "temperature": 0}})
     assert theirs.json()["response"] == ours.json()["response"] and theirs.json()["eval_count"] == 8
+    c.post("/api/generate", json={"model": "tiny", "keep_alive": 0})
+
+
+def test_the_system_layer_of_an_ollama_model_is_its_default_system_prompt(live_server):
+    """Every chat route puts the store's system prompt first when the request brings none,
+    and the request's own when it does: each answers as the folder model given that prompt."""
+    c = live_server.client()
+    user = [{"role": "user", "content": "Hi"}]
+    options = {"num_predict": 6, "temperature": 0}
+
+    def ollama_chat(model: str, messages: list) -> dict:
+        r = c.post("/api/chat", json={"model": model, "messages": messages, "stream": False, "options": options})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    for own in (OLLAMA_SYSTEM, "Hm"):
+        expected = ollama_chat(LLAMA, [{"role": "system", "content": own}, *user])
+        given = user if own == OLLAMA_SYSTEM else [{"role": "system", "content": own}, *user]
+        got = ollama_chat("tiny", given)
+        assert (got["prompt_eval_count"], got["message"]) == (expected["prompt_eval_count"], expected["message"])
+    bare = ollama_chat(LLAMA, user)
+    assert bare["prompt_eval_count"] < ollama_chat("tiny", user)["prompt_eval_count"]
+
+    ask = {"prompt": "Hi", "stream": False, "options": options}
+    theirs = c.post("/api/generate", json={"model": "tiny", **ask}).json()
+    ours = c.post("/api/generate", json={"model": LLAMA, "system": OLLAMA_SYSTEM, **ask}).json()
+    assert theirs["prompt_eval_count"] == ours["prompt_eval_count"] and theirs["response"] == ours["response"]
+
+    openai = c.post("/v1/chat/completions", json={"model": "tiny", "messages": user, "max_tokens": 6,
+                                                  "temperature": 0}).json()
+    assert openai["usage"]["prompt_tokens"] == ollama_chat("tiny", user)["prompt_eval_count"]
     c.post("/api/generate", json={"model": "tiny", "keep_alive": 0})

@@ -82,6 +82,15 @@ def _without_system(prompt: Prompt) -> bool:
             and all(isinstance(m, dict) for m in prompt) and not any(m.get("role") == "system" for m in prompt))
 
 
+def with_default_system(model: Any, messages: Sequence[dict]) -> list[dict]:
+    """Chat messages with the model's default system prompt (Ollama's system layer) put
+    first when they bring no system message of their own."""
+    system = getattr(model, "default_system", None)
+    if system and _without_system(messages):
+        return [{"role": "system", "content": system}, *messages]
+    return list(messages)
+
+
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()

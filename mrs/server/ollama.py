@@ -19,6 +19,7 @@ from sanic.response import HTTPResponse, text
 
 import mrs
 from mrs import ollama_store, store
+from mrs.engine.generate import with_default_system
 from mrs.engine.models import Loaded, resolve_name
 from mrs.errors import InvalidParameterError, MrsError
 from mrs.families import resolve as resolve_family
@@ -100,11 +101,14 @@ def _format(body: dict) -> str | dict | None:
 
 def prompt_ids(loaded: Loaded, name: str, prompt: str, *, system: str | None = None, raw: bool = False,
                context: list[int] | None = None) -> list[int]:
-    """Ollama's prompt: the chat template around system + prompt (unless raw or none), after ``context``."""
+    """Ollama's prompt: the chat template around system + prompt (unless raw or none), after
+    ``context``; with no ``system``, the model's own (Ollama's system layer), as Ollama does."""
     tokenizer = require_tokenizer(loaded, name)
     if raw or not tokenizer.chat_template:
         ids = tokenizer.encode(prompt, add_special_tokens=not context)
     else:
+        if system is None:
+            system = getattr(loaded.model, "default_system", None)
         messages = ([{"role": "system", "content": system}] if system else []) + \
                    [{"role": "user", "content": prompt}]
         ids = tokenizer.encode_chat(messages)
@@ -178,7 +182,7 @@ async def chat(request: Request) -> HTTPResponse | None:
         tokenizer = require_tokenizer(loaded, name)
         if not tokenizer.chat_template:
             raise UnsupportedFeatureError(f"model '{name}' has no chat template; use /api/generate with raw: true")
-        return tokenizer.encode_chat(messages)
+        return tokenizer.encode_chat(with_default_system(loaded.model, messages))
 
     return await _run(request, name, keep, opts, stream, chat=True, build=build, load_only=not messages)
 

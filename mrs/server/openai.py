@@ -18,6 +18,7 @@ from sanic import Request
 from sanic.response import HTTPResponse
 
 from mrs import store
+from mrs.engine.generate import with_default_system
 from mrs.engine.models import Loaded
 from mrs.errors import InvalidParameterError, MrsError
 from mrs.server import embeddings
@@ -139,7 +140,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         tokenizer = require_tokenizer(loaded, name)
         if not tokenizer.chat_template:
             raise UnsupportedFeatureError(f"model '{name}' has no chat template; use /v1/completions")
-        ids = tokenizer.encode_chat(messages)
+        ids = tokenizer.encode_chat(with_default_system(loaded.model, messages))
         gen = Generation(loaded, [ids], opts).start()
         try:
             if not stream:
