@@ -50,7 +50,6 @@ SIDE_FILES = (
     "*_Pooling/config.json", "*_Dense/config.json", "*_Dense/*.safetensors",
 )
 INDEX = "model.safetensors.index.json"
-PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "huggingface.co/", "hf.co/")
 SEARCH_TASKS = ("text-generation", "feature-extraction", "sentence-similarity")
 
 
@@ -69,10 +68,6 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     """'org/model' or 'org/model-GGUF:Q4_K_M' (Ollama's hf.co convention) -> (repo id, quant)."""
     if not isinstance(ref, str):
         raise InvalidModelNameError(f"model name must be text, got {ref!r}")
-    ref = ref.strip()
-    for prefix in PREFIXES:
-        if ref.startswith(prefix):
-            ref = ref[len(prefix):].strip("/")
     base, quant = store.split_quant(ref)
     return store.validate_name(base), quant
 
@@ -91,7 +86,7 @@ def select_gguf(name: str, quant: str, entries: dict[str, Any]) -> str:
         raise NotAModelError(f"'{name}' has no .gguf files; pull it without ':{quant}'")
     if not chosen:
         quants = sorted({_quant_of(p) for p in ggufs})
-        raise NotAModelError(f"'{name}' has no {quant} GGUF; it has {', '.join(quants)}")
+        raise ModelNotFoundError(f"'{name}' has no {quant} GGUF; it has {', '.join(quants)}")
     if len(chosen) > 1:
         raise UnsupportedModelError(f"'{name}' splits {quant} over {len(chosen)} files ({', '.join(chosen[:3])}); "
                                     "mrs reads single-file GGUFs")

@@ -47,8 +47,24 @@ def validate_name(name: str) -> str:
 QUANT_RE = re.compile(r"^[A-Za-z0-9_]{1,40}$")
 
 
+# How Ollama (``hf.co/org/repo:Q4_K_M``) and a pasted URL name a Hub repo.
+HUB_PREFIXES = ("https://huggingface.co/", "http://huggingface.co/", "huggingface.co/", "hf.co/")
+
+
+def strip_hub_prefix(name: str) -> str:
+    """``hf.co/org/repo:Q4_K_M`` -> ``org/repo:Q4_K_M`` (the name mrs stores it under)."""
+    name = name.strip()
+    for prefix in HUB_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):].strip("/")
+    return name
+
+
 def split_quant(name: str) -> tuple[str, str | None]:
-    """``org/repo-GGUF:Q4_K_M`` -> (``org/repo-GGUF``, ``Q4_K_M``): one quant of a GGUF repo."""
+    """``org/repo-GGUF:Q4_K_M`` -> (``org/repo-GGUF``, ``Q4_K_M``): one quant of a GGUF repo
+    (``hf.co/`` and Hub URL prefixes dropped)."""
+    if isinstance(name, str):
+        name = strip_hub_prefix(name)
     if isinstance(name, str) and ":" in name:
         base, _, quant = name.rpartition(":")
         if not QUANT_RE.match(quant):

@@ -12,7 +12,7 @@ import pytest
 import mrs
 from mrs import hub, store
 from mrs.cli import main
-from mrs.errors import NotAModelError
+from mrs.errors import ModelNotFoundError, NotAModelError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gguf_fixtures import write_gguf  # noqa: E402
@@ -50,7 +50,7 @@ def test_pulling_a_quant_fetches_that_file_alone_and_it_runs_by_name(hub_env, gg
 
 
 def test_a_quant_the_repo_lacks_names_those_it_has(hub_env, gguf_repo, tmp_path):
-    with pytest.raises(NotAModelError, match="F32, Q8_0"):
+    with pytest.raises(ModelNotFoundError, match="F32, Q8_0"):
         hub.pull(f"{gguf_repo}:Q4_K_M", tmp_path, endpoint=hub_env.url)
     with pytest.raises(NotAModelError, match=":QUANT"):
         hub.pull(gguf_repo, tmp_path, endpoint=hub_env.url)

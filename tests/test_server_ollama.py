@@ -278,6 +278,28 @@ def test_pull_streams_progress_and_installs_the_model(client):
     client.delete("acme/tiny")
 
 
+def test_pull_of_an_hf_co_quant_fetches_that_gguf_and_it_runs_by_the_same_name(client, live_server, tmp_path):
+    """Ollama's ``hf.co/org/repo:QUANT``: one file of a GGUF repo, served as that name."""
+    from gguf_fixtures import write_gguf
+
+    llama = live_server.home / "test--llama"
+    files = {f"tiny-{q}.gguf": write_gguf(llama, tmp_path / f"tiny-{q}.gguf", "llama", q).read_bytes()
+             for q in ("F32", "Q8_0")}
+    live_server.hub.add("acme/tiny-GGUF", files)
+    name = "hf.co/acme/tiny-GGUF:Q8_0"
+    assert client.pull(name).status == "success"
+    assert "acme/tiny-GGUF:Q8_0" in [m.model for m in client.list().models]
+    assert [p.name for p in (live_server.home / "acme--tiny-GGUF--Q8_0").iterdir()
+            if not p.name.startswith(".")] == ["tiny-Q8_0.gguf"]
+    ask = {"prompt": "Once upon a time", "raw": True, "options": {**GREEDY, "num_predict": 6}}
+    assert client.generate(model=name, **ask).response == client.generate(model="acme/tiny-GGUF:Q8_0", **ask).response
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull("hf.co/acme/tiny-GGUF:Q4_K_M")
+    assert e.value.status_code == 404 and "F32, Q8_0" in str(e.value)
+    client.generate(model=name, prompt="", keep_alive=0)
+    client.delete("acme/tiny-GGUF:Q8_0")
+
+
 def test_a_pull_stops_when_its_client_leaves_and_the_next_pull_resumes(client, live_server):
     live_server.hub.add_folder("acme/slow", live_server.home / "test--llama")
     live_server.hub.faults["model.safetensors"] = ["slow"]

@@ -406,13 +406,23 @@ async def copy(request: Request) -> HTTPResponse:
 
 
 def _pull_ref(name: str) -> tuple[str, str | None]:
-    """'org/model[:revision]' -> (repo, revision); ':latest' means the default branch."""
-    repo, _, tag = name.partition(":")
-    if not repo:
-        raise InvalidParameterError("model", name, "a Hugging Face repo id such as 'org/model'")
+    """A pull's model -> (what hub.pull takes, which is also the pulled model's name; revision).
+
+    As Ollama reads it: ``hf.co/org/repo:Q4_K_M`` (or ``org/repo-GGUF:Q4_K_M``) is one quant
+    of a GGUF repo; another ``org/model:tag`` is a branch, tag or commit; ``:latest`` means
+    the default branch."""
     from mrs import hub
 
-    return hub.repo_id(repo), (tag if tag and tag != "latest" else None)
+    bare = store.strip_hub_prefix(name)
+    repo, _, tag = bare.partition(":")
+    if not repo:
+        raise InvalidParameterError("model", name, "a Hugging Face repo id such as 'org/model'")
+    if not tag or tag == "latest":
+        return hub.repo_id(repo), None
+    if bare != name.strip() or repo.lower().endswith("-gguf"):
+        repo, quant = hub.split_ref(bare)
+        return f"{repo}:{quant}", None
+    return hub.repo_id(repo), tag
 
 
 async def pull(request: Request) -> HTTPResponse | None:
