@@ -9,12 +9,11 @@ is always 4 x hidden) the tensor shapes say what the model is.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mrs.errors import NotAModelError, UnsupportedModelError
 
-if TYPE_CHECKING:
-    from mrs.gguf import GGUFModel
+GGUFModel = Any     # mrs.gguf.GGUFModel (not imported: mrs.gguf imports this module)
 
 # GGUF architecture -> the transformers model_type mrs parses it as.
 MODEL_TYPES = {"llama": "llama", "granite": "granite", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
