@@ -21,7 +21,7 @@ The converter's transforms, checked against transformers' GGUF loader and llama.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from mrs import gguf_config, gguf_header
+from mrs import gguf_config, gguf_header, quant
 from mrs.errors import NotAModelError, UnsupportedModelError, WeightsError
+from mrs.quant import QuantFormat
 
 log = logging.getLogger(__name__)
 
@@ -135,30 +136,66 @@ class GGUFModel:
                 out.setdefault(base, hf)
         return out
 
-    def tensors(self, layers: int, heads: int = 0, kv_heads: int = 0) -> Iterator[tuple[str, np.ndarray]]:
-        """(transformers name, float32 array) for every tensor, converter transforms undone."""
+    def _place(self, name: str, names: dict[str, str]) -> tuple[str, str, str]:
+        """(GGUF base name, leaf, transformers name) of one tensor."""
+        if name in names:               # Mamba's ssm_a and ssm_d: a parameter, no .weight
+            return name, "", names[name]
+        base, _, leaf = name.rpartition(".")
+        if base not in names:
+            raise UnsupportedModelError(
+                f"GGUF tensor {name} of a {self.architecture} model has no place in mrs's model")
+        return base, leaf, f"{names[base]}.{leaf}"
+
+    def tensor_formats(self, layers: int) -> dict[str, QuantFormat | None]:
+        """{transformers module: the lossless quantized format of its weight, or None (dense)},
+        from the header alone."""
+        from gguf import GGMLQuantizationType
+
+        names = self.name_map(layers)
+        out: dict[str, QuantFormat | None] = {}
+        for name, info in self.tensor_infos.items():
+            if name in DERIVED or not name.endswith(".weight"):
+                continue
+            _, _, hf_name = self._place(name, names)
+            module = hf_name.removesuffix(".weight")
+            kind = GGMLQuantizationType(info.type).name
+            fmt = quant.GGUF_FORMATS.get(kind) if len(info.extents) == 2 else None
+            for part in _split_parts(self.architecture, module):
+                out[part] = fmt
+        return out
+
+    def tensors(self, layers: int, heads: int = 0, kv_heads: int = 0,
+                quantized: Mapping[str, QuantFormat] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """(transformers name, array) for every tensor, converter transforms undone: float32,
+        or, for a weight whose transformers module is in ``quantized``, its packed
+        ``weight``/``scales``/``biases`` in that module's format (mrs/quant.py)."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         arch = self.architecture
         names = self.name_map(layers)
+        quantized = quantized or {}
         for name, info in self.tensor_infos.items():
             if name in DERIVED:
                 continue
-            if name in names:               # Mamba's ssm_a and ssm_d: a parameter, no .weight
-                base, leaf, hf_name = name, "", names[name]
-            else:
-                base, _, leaf = name.rpartition(".")
-                if base not in names:
-                    raise UnsupportedModelError(f"GGUF tensor {name} of a {arch} model has no place in mrs's model")
-                hf_name = f"{names[base]}.{leaf}"
+            base, leaf, hf_name = self._place(name, names)
+            kind = GGMLQuantizationType(info.type).name
+            module = hf_name.removesuffix(".weight")
+            targets = {quantized.get(part) for part in _split_parts(arch, module)}
+            fmt = targets.pop() if leaf == "weight" and len(targets) == 1 else None
             try:
                 raw = gguf_header.tensor_bytes(self.header, info, self.path.name)   # checks the type is known
+                if fmt is not None:
+                    packed = quant.from_gguf(raw, kind, info.shape).packed(fmt)
+                    for part, array in packed.items():
+                        lead = info.shape[:-1] + array.shape[-1:]
+                        yield from undo_converter(arch, base, part, f"{module}.{part}", array.reshape(lead),
+                                                  heads, kv_heads)
+                    continue
                 array = dequantize(raw, GGMLQuantizationType(info.type))
             except NotImplementedError as e:
                 raise UnsupportedModelError(
-                    f"GGUF tensor {name} has type {GGMLQuantizationType(info.type).name}, which mrs "
-                    f"cannot dequantize ({e})") from e
+                    f"GGUF tensor {name} has type {kind}, which mrs cannot dequantize ({e})") from e
             except (ValueError, IndexError) as e:
                 raise WeightsError(f"GGUF tensor {name} is truncated or corrupt: {e}") from e
             shape = info.shape
@@ -169,10 +206,20 @@ class GGUFModel:
             yield from undo_converter(arch, base, leaf, hf_name, array, heads, kv_heads)
 
 
+def _split_parts(arch: str, module: str) -> list[str]:
+    """The transformers modules one GGUF tensor becomes (older Phi-2's fused Wqkv: three)."""
+    if arch == "phi2" and module.endswith("self_attn.qkv_proj"):
+        stem = module.removesuffix("qkv_proj")
+        return [f"{stem}{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    return [module]
+
+
 def undo_converter(arch: str, base: str, leaf: str, hf_name: str, array: np.ndarray, heads: int,
                    kv_heads: int) -> Iterator[tuple[str, np.ndarray]]:
-    """One GGUF tensor back in transformers' layout (see the module docstring)."""
-    if arch in PERMUTED_QK and base.endswith(("attn_q", "attn_k")) and leaf == "weight":
+    """One GGUF tensor back in transformers' layout (see the module docstring). A quantized
+    weight's three arrays share its rows, so row transforms apply to each alike."""
+    rows = leaf in quant.LEAVES
+    if arch in PERMUTED_QK and base.endswith(("attn_q", "attn_k")) and rows:
         array = unpermute(array, heads if base.endswith("attn_q") else kv_heads)
     elif arch in GEMMA_NORMS and base.endswith("norm") and leaf == "weight":
         array = array - 1.0
@@ -198,15 +245,16 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 class GGUFTensors:
-    """A GGUF file's tensors as a checkpoint stream for ``weights.load_params``."""
+    """A GGUF file's tensors as a checkpoint stream for ``weights.load_params``; the
+    modules of ``quantized`` (transformers module -> format) arrive packed."""
 
-    def __init__(self, model: GGUFModel, config: Any):
-        self.model, self.config = model, config
+    def __init__(self, model: GGUFModel, config: Any, quantized: Mapping[str, QuantFormat] | None = None):
+        self.model, self.config, self.quantized = model, config, dict(quantized or {})
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
         return self.model.tensors(c.num_hidden_layers, getattr(c, "num_attention_heads", 0),
-                                  getattr(c, "num_key_value_heads", 0))
+                                  getattr(c, "num_key_value_heads", 0), self.quantized)
 
     def __str__(self) -> str:
         return str(self.model.path)

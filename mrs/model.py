@@ -59,6 +59,11 @@ class Model:
         return self.runner.dtype_name
 
     @property
+    def quantization(self) -> dict[str, int]:
+        """{format: projections in it}: empty for a dense model (see mrs/quant.py)."""
+        return dict(getattr(self.runner, "quantization", {}) or {})
+
+    @property
     def steps(self):
         """The compiled steps without top alternatives (see ``Runner.steps``)."""
         return self.runner.steps(0)
@@ -97,15 +102,40 @@ class Model:
         return self.runner.logits(ids.astype(np.int32))
 
     def __repr__(self) -> str:
+        quantized = f" quantized {', '.join(self.quantization)}" if self.quantization else ""
         return (f"<mrs.Model {self.name} {self.hf_config.get('model_type')} {self.num_params:,} params "
-                f"{self.dtype_name} on {self.runner.backend}>")
+                f"{self.dtype_name}{quantized} on {self.runner.backend}>")
 
 
-def load(ref: str | Path, dtype: str | None = None, device: str | None = None, home: Path | None = None,
-         **backend_options: Any) -> Model:
+QUANTIZE = {"int8": 8, "int4": 4}
+
+
+def _runs_quantized(backend: Any, device: str | None) -> bool:
+    """Whether the backend runs quantized weights on this device (it says why not, once)."""
+    kernel = getattr(backend, "quantized_kernel", None)
+    return kernel is not None and kernel(device) is not None
+
+
+def quantize_format(quantize: Any) -> Any:
+    """``"int8"`` / ``"int4"`` (or a mrs.quant.QuantFormat) -> the format dense weights take at load."""
+    from mrs.quant import QuantFormat
+
+    if quantize is None or isinstance(quantize, QuantFormat):
+        return quantize
+    if quantize not in QUANTIZE:
+        raise InvalidParameterError("quantize", quantize, f"one of {', '.join(QUANTIZE)}")
+    return QuantFormat(QUANTIZE[quantize], 64)
+
+
+def load(ref: str | Path, dtype: str | None = None, device: str | None = None, home: Path | None = None, *,
+         quantize: Any = None, dequantize: bool = False, **backend_options: Any) -> Model:
     """Load a model from a folder path, a .gguf file, an ``org/model`` name in the models directory,
     or a ``name[:tag]`` of Ollama's store (read-only; its default options and system prompt come along).
 
+    A GGUF file's quantized tensors stay quantized (mrs/quant.py), run by the fastest
+    kernel the device has, unless ``dequantize`` (or the CPU kernel cannot be built:
+    then they are dequantized, with one warning). ``quantize="int8"|"int4"`` quantizes a
+    dense model's projections as they load (8 or 4 bits, groups of 64 inputs).
     ``backend_options`` go to the backend's loader (for JAX: ``variant``, a projection
     variant chosen per parameter path; see ``mrs.archs.layers.swap_linears``)."""
     started = time.perf_counter()
@@ -128,19 +158,28 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
         if found is None:
             raise
         path, name, options, system = found.gguf, found.name, found.options, found.system
+    backend = backends.for_device(device)
+    fmt = quantize_format(quantize)
+    if fmt is not None:
+        backend_options["quantize"] = fmt
     if path.is_file():                     # a GGUF file: metadata, tensors and tokenizer in one
-        from mrs import gguf
+        from mrs import gguf, quant
 
         source = gguf.GGUFModel(path)
         hf_config = source.hf_config()
         family, config = families.resolve(hf_config)
         tokenizer = gguf.tokenizer(source)
-        backend_options["checkpoint"] = gguf.GGUFTensors(source, config)
+        converted: dict = {}
+        if not dequantize and _runs_quantized(backend, device):
+            planned, converted = quant.plan(source.tensor_formats(config.num_hidden_layers),
+                                            family.checkpoint_map(config).fused)
+            backend_options["quantized"] = planned
+        backend_options["checkpoint"] = gguf.GGUFTensors(source, config, converted)
     else:
         hf_config = read_json(path / "config.json")
         family, config = families.resolve(hf_config)
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
-    runner = backends.for_device(device).load(path, family, config, dtype=dtype, device=device, **backend_options)
+    runner = backend.load(path, family, config, dtype=dtype, device=device, **backend_options)
     model = Model(path, hf_config, family, config, runner, tokenizer, time.perf_counter() - started, name=name,
                   default_options=options, default_system=system)
     log.info("loaded %s in %.2fs", model, model.load_seconds)

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mrs.errors import InvalidParameterError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from mrs.weights import Fused
 
 BITS = (4, 5, 8)
 GROUP_SIZES = (16, 32, 64, 128)
@@ -273,6 +277,29 @@ def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> Quanti
     codes, scales, biases, bits, group = decode(blocks)
     return Quantized(codes.reshape(n, k), scales.reshape(n, -1).astype(np.float32),
                      biases.reshape(n, -1).astype(np.float32), bits, group)
+
+
+def plan(formats: Mapping[str, QuantFormat | None], fused: Mapping[str, Fused]
+         ) -> tuple[dict[str, QuantFormat], dict[str, QuantFormat]]:
+    """Checkpoint modules' formats -> ({model module: format}, {checkpoint module: the
+    format to convert it to}). Parts stacked into one model tensor (``fused``) share the
+    format covering them all; a model tensor with any dense part stays dense."""
+    from mrs.weights import _prefix
+
+    def target(module: str) -> str:
+        for name, spec in fused.items():
+            for part, _ in spec.parts:
+                prefix = _prefix(module, part)
+                if prefix is not None:
+                    return f"{prefix}{name}"
+        return module
+
+    groups: dict[str, dict[str, QuantFormat | None]] = {}
+    for module, fmt in formats.items():
+        groups.setdefault(target(module), {})[module] = fmt
+    model = {m: fmt for m, parts in groups.items() if (fmt := covering(parts)) is not None}
+    checkpoint = {module: model[m] for m, parts in groups.items() if m in model for module in parts}
+    return model, checkpoint
 
 
 def covering(formats: Mapping[str, QuantFormat | None]) -> QuantFormat | None:

@@ -36,13 +36,15 @@ class Spec(Protocol):
 class ParamSpec:
     """One model parameter: its shape, dtype and logical axis names (one per dimension).
 
-    Floating dtypes mean "the compute dtype" (the checkpoint is cast to it); integer
-    dtypes are stored as they are, so packed quantized codes are legal entries.
+    Floating dtypes mean "the compute dtype" (the checkpoint is cast to it) unless
+    ``keep_dtype`` (a quantized weight's scales); integer dtypes are stored as they are,
+    so packed quantized codes are legal entries.
     """
 
     shape: tuple[int, ...]
     dtype: Any
     axes: tuple[str, ...] = ()
+    keep_dtype: bool = False
 
     def __post_init__(self):
         if self.axes and len(self.axes) != len(self.shape):
@@ -64,14 +66,15 @@ class Fused:
     parts: tuple[tuple[str, tuple[int, ...]], ...]
 
 
-def is_stored_as_is(dtype: Any) -> bool:
-    """Integer and bool tensors (token types, packed codes) keep their dtype; floats are cast."""
-    return np.dtype(dtype).kind in "iub"
+def is_stored_as_is(spec: Spec) -> bool:
+    """Integer and bool tensors (token types, packed codes) and ``keep_dtype`` ones keep
+    their dtype; other floats are cast to the compute dtype."""
+    return np.dtype(spec.dtype).kind in "iub" or bool(getattr(spec, "keep_dtype", False))
 
 
 def cast_to(value: np.ndarray, spec: Spec, dtype: Any) -> np.ndarray:
-    """The numpy array for ``spec``: floats in ``dtype``, integer tensors as stored."""
-    return np.asarray(value, dtype=spec.dtype if is_stored_as_is(spec.dtype) else dtype)
+    """The numpy array for ``spec``: floats in ``dtype``, the rest as the spec says."""
+    return np.asarray(value, dtype=spec.dtype if is_stored_as_is(spec) else dtype)
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:

@@ -7,7 +7,8 @@ package):
 - tokenization agreement with llama.cpp (``tokenize(text, add_bos=True, special=False)``)
   on varied texts;
 - greedy decode tokens/s of each, rounds alternating so a drifting machine hits both
-  alike (mrs dequantizes to float32 at load; llama.cpp computes on the quantized blocks);
+  alike (mrs keeps the quantized blocks, converted losslessly to its own format, unless
+  ``--dequantize``; llama.cpp computes on its blocks);
 - perplexity of each on a text (llama.cpp's method on both sides, same windows), when
   ``--text`` is given or a system licence text is found.
 
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--text", type=Path)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity comparison")
+    parser.add_argument("--dequantize", action="store_true", help="run mrs on float32 weights dequantized at load")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import llama_cpp
@@ -78,7 +81,7 @@ def main() -> None:
     threads = os.cpu_count() or 1
     llm = llama_cpp.Llama(str(path), n_ctx=max(args.context, 1024), n_threads=threads, logits_all=True,
                           verbose=False)
-    model = mrs.load(path, dtype="float32")
+    model = mrs.load(path, dtype="float32", dequantize=args.dequantize)
     print(f"model {path.name}; mrs {model}; llama.cpp {llama_cpp.__version__}, {threads} threads")
 
     same = 0
@@ -115,7 +118,7 @@ def main() -> None:
     print(f"ratio mrs / llama.cpp: {statistics.median(rates['mrs']) / statistics.median(rates['llama.cpp']):.2f}")
     print(f"mrs:       {texts['mrs'][:120]!r}\nllama.cpp: {texts['llama.cpp'][:120]!r}")
 
-    text_path = args.text or default_text()
+    text_path = None if args.no_perplexity else args.text or default_text()
     if text_path is not None:
         text = text_path.read_text(encoding="utf-8", errors="replace")
         ours = mrs.perplexity(model, text, context=args.context)

@@ -134,7 +134,7 @@ class MambaForCausalLM(nnx.Module):
         x = self.backbone.norm_f(x)
         if last_only:
             x = last_valid(x, positions)
-        x = x.astype(self.backbone.embeddings.weight.dtype)
+        x = x.astype(self.backbone.norm_f.weight.dtype)           # the compute dtype (the head may be quantized)
         logits = self.lm_head(x) if self.lm_head is not None else self.backbone.embeddings.attend(x)
         return logits, SSMCache(tuple(conv), tuple(ssm), advance(cache.lengths, positions), cache.max_len)
 

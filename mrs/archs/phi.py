@@ -164,12 +164,12 @@ class PhiForCausalLM(nnx.Module):
         x = self.model.final_norm(x)
         if last_only:
             x = last_valid(x, positions)
-        if isinstance(self.lm_head, Linear):
-            logits = self.lm_head(x)
-        else:
+        if self.lm_head is None or isinstance(self.lm_head, TiedHead):
             logits = self.model.embed_tokens.attend(x)
             if self.lm_head is not None:
                 logits = logits + self.lm_head.bias[...]
+        else:                                       # a Linear, or a variant of one
+            logits = self.lm_head(x)
         return logits, cache
 
     @staticmethod

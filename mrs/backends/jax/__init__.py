@@ -11,7 +11,7 @@ graphdef and a pure param dict, so every step is a jitted function of the params
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mrs import archs
+from mrs import archs, quant
 from mrs.archs.layers import swap_linears
+from mrs.archs.quantized import quantized_variant
 from mrs.backends.jax.pooling import pool
 from mrs.backends.jax.steps import CompiledSteps, JaxSteps, bind, shared_steps
 from mrs.cache import KVCache
 from mrs.engine.shapes import step_positions
 from mrs.errors import InvalidParameterError, MrsError
 from mrs.families import Family
+from mrs.quant import QuantFormat
 from mrs.weights import ParamSpec, is_stored_as_is, load_params
 
 NAME = "jax"
@@ -60,41 +62,104 @@ def param_spec(state: nnx.State) -> dict[str, ParamSpec]:
     spec = {}
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
-        axes = tuple(var.get_metadata().get("axes") or ())
-        spec[".".join(map(str, path))] = ParamSpec(tuple(value.shape), value.dtype, axes)
+        meta = var.get_metadata()
+        spec[".".join(map(str, path))] = ParamSpec(tuple(value.shape), value.dtype, tuple(meta.get("axes") or ()),
+                                                   bool(meta.get("keep_dtype", False)))
     return spec
 
 
 Variant = Callable[[str, Any], nnx.Module | None]
 
 
+def quantized_kernel(device: str | None = None) -> str | None:
+    """The quantized-matmul kernel this device runs ("cpu": mrs's own; "xla": dequantize
+    inside the step, fused by XLA on accelerators), or None where weights must be
+    dequantized at load (a CPU with no C++ compiler)."""
+    if pick_device(device).platform != "cpu":
+        return "xla"
+    from mrs.kernels.qmatmul import cpu_kernel_error
+
+    return "cpu" if cpu_kernel_error() is None else None
+
+
+def quantizable(model: nnx.Module, fmt: QuantFormat) -> dict[str, QuantFormat]:
+    """{module path: format} for every projection ``fmt`` (or, where its inputs are not whole
+    groups of it, 32-wide groups) can quantize."""
+    found: dict[str, QuantFormat] = {}
+
+    def visit(path: str, layer: Any) -> None:
+        k = int(layer.weight.shape[-1])
+        for group in (fmt.group_size, 32):
+            if k % group == 0 and k % 32 == 0:
+                found[path] = dataclasses.replace(fmt, group_size=group)
+                return
+
+    swap_linears(model, visit)
+    return found
+
+
 def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, device: str | None = None,
-         variant: Variant | None = None, checkpoint: Any = None) -> JaxRunner:
+         variant: Variant | None = None, checkpoint: Any = None,
+         quantized: Mapping[str, QuantFormat] | None = None, quantize: QuantFormat | None = None) -> JaxRunner:
     """The model in folder ``path`` on a JAX device: params placed, steps ready to compile.
 
     ``checkpoint`` replaces the folder's safetensors with another stream of (name, array)
-    pairs (a GGUF file's tensors)."""
+    pairs (a GGUF file's tensors). ``quantized`` names the projections (module path ->
+    format) whose checkpoint tensors arrive quantized (``weight``, ``scales``, ``biases``);
+    ``quantize`` quantizes every other projection it fits as its dense tensor is read."""
     dev = pick_device(device)
     jdtype = pick_dtype(dtype, dev)
     model_cls = archs.model_class(family.name)
     abstract = nnx.eval_shape(lambda: model_cls(config, dtype=jdtype))
+    formats = dict(quantized or {})
+    at_load = {p: f for p, f in quantizable(abstract, quantize).items() if p not in formats} if quantize else {}
+    formats.update(at_load)
+    if formats:
+        kernel = quantized_kernel(device)
+        if kernel is None:
+            raise MrsError("quantized weights cannot run here: the CPU kernel is not built "
+                           f"({cpu_kernel_reason()}); load with dequantize=True")
+        swap_linears(abstract, quantized_variant(formats, kernel))
     if variant is not None:
         swap_linears(abstract, variant)
     graphdef, state = nnx.split(abstract)
     spec = param_spec(state)
+    read_spec = dict(spec)          # what the checkpoint holds: dense weights where quantized at load
+    for module, fmt in at_load.items():
+        del read_spec[f"{module}.scales"], read_spec[f"{module}.biases"]
+        codes = spec[f"{module}.weight"]
+        dense = codes.shape[:-1] + (codes.shape[-1] * 32 // fmt.bits,)
+        read_spec[f"{module}.weight"] = ParamSpec(dense, jdtype, codes.axes)
     key_map = family.checkpoint_map(config)
 
-    def place(name: str, value: np.ndarray, want: ParamSpec) -> jax.Array:
+    def place(name: str, value: np.ndarray, want: ParamSpec) -> Any:
+        module = name.rpartition(".")[0]
+        if module in at_load and name.endswith(".weight"):
+            fmt = at_load[module]
+            matrix = np.asarray(value, np.float32).reshape(-1, value.shape[-1])
+            stored = quant.quantize(matrix, fmt.bits, fmt.group_size).packed(fmt)
+            with jax.default_device(dev):
+                return {f"{module}.{leaf}": jnp.asarray(a.reshape(value.shape[:-1] + a.shape[-1:]))
+                        for leaf, a in stored.items()}
         with jax.default_device(dev):   # cast on the device, one tensor at a time
-            return jnp.asarray(value, dtype=want.dtype if is_stored_as_is(want.dtype) else jdtype)
+            return jnp.asarray(value, dtype=want.dtype if is_stored_as_is(want) else jdtype)
 
-    arrays = load_params(path if checkpoint is None else checkpoint, spec, jdtype, rename=key_map.rename,
-                         ignore=key_map.ignored, fused=key_map.fused, place=place)
+    read = load_params(path if checkpoint is None else checkpoint, read_spec, jdtype, rename=key_map.rename,
+                       ignore=key_map.ignored, fused=key_map.fused, place=place)
+    arrays: dict[str, Any] = {}
+    for name, value in read.items():
+        arrays.update(value if isinstance(value, dict) else {name: value})
     flat = nnx.to_flat_state(state)
     for path_, var in flat:
         var.set_value(arrays[".".join(map(str, path_))])
     params = nnx.to_pure_dict(nnx.from_flat_state(flat))
-    return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev)
+    return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev, formats)
+
+
+def cpu_kernel_reason() -> str | None:
+    from mrs.kernels.qmatmul import cpu_kernel_error
+
+    return cpu_kernel_error()
 
 
 class JaxRunner:
@@ -108,9 +173,11 @@ class JaxRunner:
     backend = NAME
 
     def __init__(self, family: Family, config: Any, model_cls: Any, graphdef: Any, params: dict,
-                 spec: dict[str, ParamSpec], dtype: Any, device: jax.Device):
+                 spec: dict[str, ParamSpec], dtype: Any, device: jax.Device,
+                 formats: Mapping[str, QuantFormat] | None = None):
         self.family, self.config, self.model_cls = family, config, model_cls
         self.graphdef, self.params, self.spec = graphdef, params, spec
+        self.formats = dict(formats or {})      # quantized projections: module path -> format
         self.dtype, self.device = dtype, device
         self.vocab_size = int(getattr(config, "vocab_size", 0))
         self._steps: dict[int, JaxSteps] = {}
@@ -130,7 +197,27 @@ class JaxRunner:
 
     @property
     def num_params(self) -> int:
-        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+        """Parameters as the dense model counts them (a quantized matrix's weights, not its words)."""
+        total = 0
+        for name, want in self.spec.items():
+            module, _, leaf = name.rpartition(".")
+            fmt = self.formats.get(module)
+            if fmt is None:
+                total += int(np.prod(want.shape))
+            elif leaf == "weight":
+                total += int(np.prod(want.shape)) * 32 // fmt.bits
+        return total
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(self.params))
+
+    @property
+    def quantization(self) -> dict[str, int]:
+        """{format: projections in it} (empty for a dense model)."""
+        from collections import Counter
+
+        return dict(Counter(str(f) for f in self.formats.values()))
 
     def module(self) -> nnx.Module:
         """The Flax module with these params, for experiments outside the engine."""
