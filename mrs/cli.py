@@ -94,12 +94,14 @@ class CLI:
     Run: chat (run), generate, embed, serve, ps.  Settings: config.
 
     Global flags (any command): --home DIR (models directory, MRS_HOME), --device auto|cpu|gpu|tpu
-    (MRS_DEVICE), --dtype auto|float32|bfloat16 (MRS_DTYPE), --verbose.
+    (MRS_DEVICE), --dtype auto|float32|bfloat16 (MRS_DTYPE), --quantize auto|int8|int4|none
+    (MRS_QUANTIZE: auto runs GGUF files quantized; int8/int4 quantize dense weights at load; none
+    dequantizes), --verbose.
     """
 
     def __init__(self, home: str | None = None, device: str | None = None, dtype: str | None = None,
-                 verbose: bool = False):
-        self._flags = {"home": home, "device": device, "dtype": dtype}
+                 quantize: str | None = None, verbose: bool = False):
+        self._flags = {"home": home, "device": device, "dtype": dtype, "quantize": quantize}
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
     def _settings(self, **overrides: Any):
@@ -114,7 +116,8 @@ class CLI:
         if not model:
             raise UsageError("--model is required (a folder path or an org/name in the models directory)")
         settings = self._settings()
-        return mrs.load(_text(model, "--model"), dtype=settings.dtype, device=settings.device, home=settings.home)
+        return mrs.load(_text(model, "--model"), dtype=settings.dtype, device=settings.device, home=settings.home,
+                        **settings.load_options())
 
     # -- models on disk -------------------------------------------------------------------
 
@@ -227,6 +230,7 @@ class CLI:
                 raise MrsError(f"{info['name']} has no chat template")
             print(text)
             return
+        info["execution"] = _execution(info, self._settings())
         if format == "json":
             return _print_json(info)
         _show(_show_table(path, info))
@@ -595,13 +599,36 @@ class CLI:
 
 
 
+def _execution(info: dict, settings: Any) -> str:
+    """How `mrs.load` would run this model here: quantized (by which kernel) or dense."""
+    from mrs import backends
+
+    options = settings.load_options()
+    gguf = info.get("format") == "gguf"
+    if options.get("dequantize") or (not gguf and "quantize" not in options):
+        return f"dense ({settings.dtype} weights)" if not gguf else "dequantized at load (--quantize none)"
+    kernel = getattr(backends.for_device(settings.device), "quantized_kernel", lambda device: None)(settings.device)
+    if kernel is None:
+        from mrs.kernels.qmatmul import cpu_kernel_error
+
+        return f"dequantized at load: {cpu_kernel_error() or 'this backend runs no quantized weights'}"
+    how = {"cpu": "mrs's CPU kernel", "xla": "dequantized inside each step, fused by XLA"}[kernel]
+    what = "the file's quantized blocks" if gguf else f"{options['quantize']}, quantized at load"
+    return f"quantized: {what} ({how})"
+
+
 def _show_table(path: Path, info: dict):
     from rich.table import Table
 
     from mrs import store
     from mrs.render import ago, human_bytes
 
-    config = store.read_json(path / "config.json")
+    if path.is_file():                      # a GGUF file: its metadata read as a config.json
+        from mrs.gguf import GGUFModel
+
+        config = GGUFModel(path).hf_config()
+    else:
+        config = store.read_json(path / "config.json")
     table = Table(box=None, pad_edge=False, show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -611,6 +638,7 @@ def _show_table(path: Path, info: dict):
         ("architecture", f"{info['architecture']} ({info['model_type']})"),
         ("parameters", f"{info['parameter_size']} ({info['parameters']:,})"),
         ("dtype", info["dtype"]),
+        ("execution", info["execution"]),
         ("context length", str(info["context_length"] or "unlimited (recurrent)")),
         ("embedding length", str(info["embedding_length"] or "?")),
         ("layers", str(config.get("num_hidden_layers") or config.get("n_layer") or "?")),
@@ -627,7 +655,8 @@ def _show_table(path: Path, info: dict):
     ]
     for key, value in rows:
         table.add_row(key, value)
-    table.add_row("files", "\n".join(f"{f}  [dim]{human_bytes((path / f).stat().st_size)}[/dim]"
+    folder = path.parent if path.is_file() else path
+    table.add_row("files", "\n".join(f"{f}  [dim]{human_bytes((folder / f).stat().st_size)}[/dim]"
                                      for f in info["files"]))
     return table
 
@@ -637,7 +666,7 @@ def _display(lines: list[str], out) -> None:
     out.write("\n".join(lines) + "\n")
 
 
-GLOBAL_FLAGS = ("home", "device", "dtype", "verbose")
+GLOBAL_FLAGS = ("home", "device", "dtype", "quantize", "verbose")
 
 
 def _prepare(argv: list[str]) -> list[str]:
@@ -657,7 +686,7 @@ def _prepare(argv: list[str]) -> list[str]:
     while i < len(head):
         token = head[i]
         if token.startswith("--"):
-            if token[2:] in ("home", "device", "dtype"):
+            if token[2:] in ("home", "device", "dtype", "quantize"):
                 i += 1  # its value is the next token
         elif not token.startswith("-") or token[1:].replace(".", "", 1).isdigit():
             command = token

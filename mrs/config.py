@@ -23,6 +23,7 @@ APP = "mrs"
 ENV_PREFIX = "MRS_"
 DEVICES = ("auto", "cpu", "gpu", "tpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("auto", "int8", "int4", "none")
 
 
 def default_home() -> Path:
@@ -40,6 +41,7 @@ class Settings:
     home: Path = field(default_factory=default_home)
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "auto"
     host: str = "127.0.0.1"
     port: int = 11434
     max_batch: int = 8
@@ -85,9 +87,18 @@ class Settings:
             raise MrsError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise MrsError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise MrsError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         for name in ("port", "max_batch", "max_loaded_models", "max_context", "max_queue", "max_body_bytes"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise MrsError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    def load_options(self) -> dict[str, Any]:
+        """What ``quantize`` asks of ``mrs.load``: auto runs quantized files quantized and dense
+        ones dense; int8/int4 quantize dense weights at load; none dequantizes everything."""
+        if self.quantize == "none":
+            return {"dequantize": True}
+        return {"quantize": self.quantize} if self.quantize in ("int8", "int4") else {}
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -139,6 +150,8 @@ DESCRIPTIONS = {
     "home": "models directory (org/model lives in <home>/org--model)",
     "device": f"where models run: {' | '.join(DEVICES)}",
     "dtype": f"weight and compute dtype: {' | '.join(DTYPES)} (auto: float32 on CPU, bfloat16 elsewhere)",
+    "quantize": f"weights: {' | '.join(QUANTIZE)} (auto: GGUF files stay quantized, dense models dense; "
+                "int8/int4: quantize dense weights at load; none: dequantize GGUF files)",
     "host": "address `mrs serve` listens on",
     "port": "port `mrs serve` listens on (Ollama's is 11434)",
     "max_batch": "requests decoded together per model in the server",

@@ -227,8 +227,11 @@ def test_gemma3_gguf_tokenizes_as_the_reference(gemma, reference):
 
 
 def test_gemma3_gguf_logits_and_greedy_tokens_match_transformers(gemma, reference):
+    """mrs runs the file's blocks quantized (converted losslessly); transformers dequantizes
+    them to float32: the same values, so the same logits to rounding and the same greedy text."""
     import torch
 
+    assert set(gemma.quantization) == {"8-bit g32", "5-bit g32", "4-bit g32", "8-bit g16"}
     model, tokenizer = reference
     for prompt in GEMMA_PROMPTS:
         ids = gemma.tokenizer.encode(prompt)

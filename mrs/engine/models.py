@@ -81,10 +81,12 @@ class ModelManager:
 
     def __init__(self, home: Path, *, device: str = "auto", dtype: str = "auto", max_loaded: int = 2,
                  slots: int = 8, max_context: int = 4096, max_queue: int = 64, default_keep_alive: float = 300.0,
-                 loader: Callable[..., Any] | None = None, warmup: bool = True, extra: dict[str, Path] | None = None):
+                 loader: Callable[..., Any] | None = None, warmup: bool = True, extra: dict[str, Path] | None = None,
+                 load_options: dict[str, Any] | None = None):
         self.home = Path(home)
         self.extra = dict(extra or {})  # operator-given folders outside home (`mrs serve --model ./dir`)
         self.device, self.dtype = device, dtype
+        self.load_options = dict(load_options or {})   # quantize / dequantize (Settings.load_options)
         self.max_loaded, self.slots, self.max_context, self.max_queue = max_loaded, slots, max_context, max_queue
         self.default_keep_alive = default_keep_alive
         self.warmup = warmup
@@ -156,7 +158,7 @@ class ModelManager:
 
         loader = self._loader or mrs.load
         started = time.perf_counter()
-        model = loader(path, dtype=self.dtype, device=self.device, home=self.home)
+        model = loader(path, dtype=self.dtype, device=self.device, home=self.home, **self.load_options)
         ollama = ollama_store.find(name) if Path(path).is_file() else None
         if ollama is not None and ollama.gguf == Path(path):    # Ollama's defaults come with its models
             model.default_options, model.default_system = ollama.options, ollama.system

@@ -202,10 +202,10 @@ class JaxRunner:
         for name, want in self.spec.items():
             module, _, leaf = name.rpartition(".")
             fmt = self.formats.get(module)
-            if fmt is None:
-                total += int(np.prod(want.shape))
-            elif leaf == "weight":
+            if fmt is not None and leaf == "weight":
                 total += int(np.prod(want.shape)) * 32 // fmt.bits
+            elif fmt is None or leaf not in ("scales", "biases"):
+                total += int(np.prod(want.shape))
         return total
 
     @property
