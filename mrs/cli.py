@@ -282,6 +282,35 @@ class CLI:
         path = store.copy(home, _text(src, "SRC"), _text(dst, "DST"))
         print(f"copied {src} to {store.model_name(path)}")
 
+    def quantize(self, src: Any, dst: Any, bits: Any = 4, group_size: Any = 64):
+        """Write a quantized copy of a safetensors model in MLX's layout (mlx-community's):
+        uint32-packed codes with per-group scales and biases, config.json's "quantization".
+        mrs runs it quantized; so does mlx-lm.
+
+        Args:
+            src: the model to quantize (name or folder), dense safetensors.
+            dst: the new model's name (org/model, in the models directory) or a folder path.
+            bits: 4 or 8.
+            group_size: inputs per scale: 32 or 64.
+        """
+        from mrs import quant_checkpoint, store
+
+        bits = _int(bits, "--bits", 4)
+        group_size = _int(group_size, "--group-size", 32)
+        if bits not in (4, 8):
+            raise UsageError(f"--bits must be 4 or 8, got {bits}")
+        if group_size not in (32, 64):
+            raise UsageError(f"--group-size must be 32 or 64, got {group_size}")
+        home = self._settings().home
+        source = store.resolve(_text(src, "SRC"), home)
+        if source.is_file():
+            raise UsageError(f"{source.name} is a GGUF file: it is already quantized (mrs runs it as it is)")
+        dst = _text(dst, "DST")
+        target = Path(dst).expanduser() if store.looks_like_path(dst) else store.model_dir(home, dst)
+        counts = quant_checkpoint.write(source, target, bits, group_size)
+        print(f"quantized {counts['quantized']} matrices to {bits}-bit g{group_size} "
+              f"(kept {counts['kept']} tensors) into {target}")
+
     def verify(self, ref: Any):
         """Check a model's files against its SHA-256 manifest (.model_checksums); non-zero exit if any differ.
 
@@ -604,7 +633,7 @@ def _execution(info: dict, settings: Any) -> str:
     from mrs import backends
 
     options = settings.load_options()
-    gguf = info.get("format") == "gguf"
+    gguf = info.get("format") in ("gguf", "quantized")
     if options.get("dequantize") or (not gguf and "quantize" not in options):
         return f"dense ({settings.dtype} weights)" if not gguf else "dequantized at load (--quantize none)"
     kernel = getattr(backends.for_device(settings.device), "quantized_kernel", lambda device: None)(settings.device)
@@ -613,7 +642,7 @@ def _execution(info: dict, settings: Any) -> str:
 
         return f"dequantized at load: {cpu_kernel_error() or 'this backend runs no quantized weights'}"
     how = {"cpu": "mrs's CPU kernel", "xla": "dequantized inside each step, fused by XLA"}[kernel]
-    what = "the file's quantized blocks" if gguf else f"{options['quantize']}, quantized at load"
+    what = "its quantized weights" if gguf else f"{options['quantize']}, quantized at load"
     return f"quantized: {what} ({how})"
 
 

@@ -110,6 +110,19 @@ class Model:
 QUANTIZE = {"int8": 8, "int4": 4}
 
 
+class _Stream:
+    """A re-iterable checkpoint stream that names its folder in errors."""
+
+    def __init__(self, make: Any, path: Path):
+        self.make, self.path = make, path
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 def _runs_quantized(backend: Any, device: str | None) -> bool:
     """Whether the backend runs quantized weights on this device (it says why not, once)."""
     kernel = getattr(backend, "quantized_kernel", None)
@@ -176,9 +189,21 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
             backend_options["quantized"] = planned
         backend_options["checkpoint"] = gguf.GGUFTensors(source, config, converted)
     else:
+        from mrs import quant, quant_checkpoint, weights
+
         hf_config = read_json(path / "config.json")
         family, config = families.resolve(hf_config)
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
+        if quant_checkpoint.quantization(hf_config) is not None:     # an MLX-layout quantized checkpoint
+            stored = quant_checkpoint.formats(path, hf_config)
+            wanted: dict = {}
+            if not dequantize and _runs_quantized(backend, device):
+                wanted, converted = quant.plan(quant_checkpoint.module_formats(path, hf_config),
+                                               family.checkpoint_map(config).fused)
+                backend_options["quantized"] = wanted
+                wanted = converted
+            backend_options["checkpoint"] = _Stream(
+                lambda: quant_checkpoint.converted(weights.iter_tensors(path), stored, wanted), path)
     runner = backend.load(path, family, config, dtype=dtype, device=device, **backend_options)
     model = Model(path, hf_config, family, config, runner, tokenizer, time.perf_counter() - started, name=name,
                   default_options=options, default_system=system)

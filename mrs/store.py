@@ -232,6 +232,20 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
+def quantized_parameters(path: Path, bits: int) -> int:
+    """Weights of a quantized checkpoint: each module's codes unpacked, scales and biases not counted."""
+    total = 0
+    for file in weight_files(path):
+        header = safetensors_header(file)
+        for name, info in header.items():
+            if name == "__metadata__" or not isinstance(info, dict) or name.endswith((".scales", ".biases")):
+                continue
+            numel = math.prod(int(d) for d in info.get("shape", []))
+            quantized = name.endswith(".weight") and f"{name.removesuffix('.weight')}.scales" in header
+            total += numel * 32 // bits if quantized else numel
+    return total
+
+
 def parameter_summary(path: Path) -> tuple[int, str]:
     """(parameter count, dominant dtype) from the safetensors headers."""
     counts: dict[str, int] = {}
@@ -287,6 +301,11 @@ def model_info(path: Path) -> dict:
     parameters, dtype = parameter_summary(path)
     if dtype == "unknown":
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "unknown")
+    quantized = config.get("quantization") if isinstance(config.get("quantization"), dict) else None
+    if quantized and "bits" in quantized:        # MLX's layout: count weights, not uint32 words
+        bits = int(quantized["bits"])
+        dtype = f"Q{bits} g{quantized.get('group_size', 64)}"
+        parameters = quantized_parameters(path, bits)
     model_type = str(config.get("model_type") or "unknown")
     architectures = config.get("architectures") or []
     context = next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
@@ -306,6 +325,7 @@ def model_info(path: Path) -> dict:
         "chat_template": has_chat_template(path),
         "files": files,
         "digest": digest(path),
+        "format": "quantized" if quantized else "safetensors",
     }
 
 

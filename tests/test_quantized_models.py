@@ -95,7 +95,7 @@ def test_the_cli_says_how_a_model_runs_and_takes_the_quantize_flag(fixture_path,
     path = write_gguf(fixture_path("llama"), tmp_path / "tiny-Q8_0.gguf", "llama", "Q8_0")
     assert main(["show", str(path), "--format", "json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["execution"] == "quantized: the file's quantized blocks (mrs's CPU kernel)"
+    assert shown["execution"] == "quantized: its quantized weights (mrs's CPU kernel)"
     assert main(["--quantize", "none", "show", str(path)]) == 0
     assert "dequantized at load" in capsys.readouterr().out
     assert main(["--quantize", "int8", "show", str(fixture_path("llama")), "--format", "json"]) == 0
@@ -105,3 +105,101 @@ def test_the_cli_says_how_a_model_runs_and_takes_the_quantize_flag(fixture_path,
     assert capsys.readouterr().out.strip()
     assert main(["--quantize", "int3", *args, "--model", str(fixture_path("llama"))]) != 0
     assert "quantize must be one of" in capsys.readouterr().err
+
+
+# --- MLX-layout checkpoints (mrs quantize) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quantized_folder(fixture_path, tmp_path_factory) -> Path:
+    from mrs import quant_checkpoint
+
+    out = tmp_path_factory.mktemp("mlx") / "llama-4bit"
+    counts = quant_checkpoint.write(fixture_path("llama"), out, 4, 32)
+    assert counts["quantized"] == 15        # 2 layers x 7 projections + the (tied) embeddings
+    return out
+
+
+def test_mrs_quantize_writes_what_mlx_reads(quantized_folder, fixture_path):
+    """mx.load + mx.quantized_matmul on the file mrs wrote equal x . W^T of mrs's own reading."""
+    import json
+
+    mx = pytest.importorskip("mlx.core")
+    config = json.loads((quantized_folder / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    arrays = mx.load(str(quantized_folder / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj"
+    w, s, b = (arrays[f"{name}.{leaf}"] for leaf in quant.LEAVES)
+    assert w.dtype == mx.uint32 and s.dtype == mx.float16 and tuple(w.shape) == (128, 64 * 4 // 32)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    theirs = np.array(mx.quantized_matmul(mx.array(x), w, s.astype(mx.float32), b.astype(mx.float32),
+                                          transpose=True, group_size=32, bits=4))
+    ours = x @ quant.dequantize(np.array(w), np.array(s), np.array(b), 4).T
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5)
+    dense = load_file(fixture_path("llama") / "model.safetensors")[f"{name}.weight"]
+    assert np.abs(ours - x @ dense.T).max() < 0.25 * np.abs(x @ dense.T).max()   # and it is that matrix
+
+
+def test_mlx_quantized_weights_are_read_exactly(tmp_path):
+    mx = pytest.importorskip("mlx.core")
+    w = mx.random.normal((16, 128), key=mx.random.key(0))
+    for bits in quant.BITS:
+        q, s, b = mx.quantize(w, group_size=32, bits=bits)
+        np.testing.assert_array_equal(quant.dequantize(np.array(q), np.array(s), np.array(b), bits),
+                                      np.array(mx.dequantize(q, s, b, group_size=32, bits=bits)))
+
+
+def test_a_quantized_checkpoint_runs_quantized_as_it_runs_dequantized(quantized_folder, fixture_path):
+    model = mrs.load(str(quantized_folder))
+    dense = mrs.load(str(quantized_folder), dequantize=True)
+    assert model.quantization == {"4-bit g32": 9} and not dense.quantization
+    golden = dict(np.load(fixture_path("llama") / "golden.npz"))
+    np.testing.assert_allclose(model.logits(golden["logits_ids"]), dense.logits(golden["logits_ids"]),
+                               atol=LOGITS_TOLERANCE, rtol=0)
+    assert model.num_params == mrs.load(str(fixture_path("llama"))).num_params
+
+
+def test_parts_quantized_differently_stack_in_the_wider_format(quantized_folder, tmp_path):
+    """mlx-lm's per-module overrides: q_proj at 8 bits beside 4-bit k/v: the fused q/k/v is
+    8-bit, its 4-bit parts repacked without loss."""
+    import json
+
+    from safetensors.numpy import load_file as load
+    from safetensors.numpy import save_file as save
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(quantized_folder, mixed)
+    tensors = load(mixed / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    dense = quant.dequantize(*(tensors[f"{name}.{leaf}"] for leaf in quant.LEAVES), 4)
+    for leaf, array in quant.quantize(dense, 8, 32).packed().items():
+        tensors[f"{name}.{leaf}"] = array if leaf == "weight" else array.astype(np.float16)
+    save(tensors, mixed / "model.safetensors")
+    config = json.loads((mixed / "config.json").read_text())
+    config["quantization"][name] = {"bits": 8, "group_size": 32}
+    (mixed / "config.json").write_text(json.dumps(config))
+    model = mrs.load(str(mixed))
+    assert model.runner.formats["model.layers.0.self_attn.qkv_proj"] == quant.QuantFormat(8, 32, "float16")
+    ids = np.array([[1, 17, 42, 99, 7, 300]])
+    np.testing.assert_allclose(model.logits(ids), mrs.load(str(mixed), dequantize=True).logits(ids),
+                               atol=LOGITS_TOLERANCE, rtol=0)
+
+
+def test_mrs_quantize_leaves_nothing_when_it_fails(fixture_path, tmp_path, monkeypatch, capsys):
+    from mrs import quant_checkpoint
+    from mrs.cli import main
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(quant_checkpoint, "_save", broken)
+    with pytest.raises(OSError):
+        quant_checkpoint.write(fixture_path("llama"), tmp_path / "out", 8, 64)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "quantize", str(fixture_path("llama")), "test/q8", "--bits", "8"]) == 0
+    assert main(["--home", str(home), "quantize", str(fixture_path("llama")), "test/q8", "--bits", "8"]) != 0
+    assert "already exists" in capsys.readouterr().err
+    assert main(["--home", str(home), "quantize", str(fixture_path("llama")), "test/q3", "--bits", "3"]) != 0
+    assert main(["--home", str(home), "quantize", str(home / "test--q8"), "test/again"]) != 0
+    assert "already quantized" in capsys.readouterr().err
