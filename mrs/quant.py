@@ -121,18 +121,18 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     n, k = codes.shape
     if (k * bits) % 32:
         raise ValueError(f"{k} codes of {bits} bits do not fill whole 32-bit words")
-    if bits in (4, 8):
-        per = 32 // bits
-        words = codes.reshape(n, k // per, per).astype(np.uint32)
-        shifts = (np.arange(per, dtype=np.uint32) * bits)
-        return np.bitwise_or.reduce(words << shifts, axis=-1).astype(np.uint32)
-    out = np.empty((n, k * bits // 32), np.uint32)
-    rows = max(1, (1 << 22) // max(k, 1))          # bound the bit-array temporary to ~4M codes
-    for start in range(0, n, rows):
-        part = codes[start:start + rows]
-        stream = np.unpackbits(part[..., None], axis=-1, count=bits, bitorder="little")
-        packed = np.packbits(stream.reshape(len(part), -1), axis=-1, bitorder="little")
-        out[start:start + rows] = packed.view("<u4")
+    if bits == 8:                                   # byte j of a little-endian word is code j
+        return codes.view("<u4").copy()
+    if bits == 4:                                   # two codes a byte, the first in the low nibble
+        return np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4)).view("<u4")
+    out = np.empty((n, k * bits // 32), "<u4")
+    rows = max(1, (1 << 20) // max(k, 1))           # bound the 64-bit temporaries to ~1M codes
+    shifts = (np.arange(8, dtype=np.uint64) * bits)
+    for start in range(0, n, rows):                 # 8 codes = `bits` whole bytes of a 64-bit word
+        part = codes[start:start + rows].reshape(-1, k // 8, 8).astype(np.uint64)
+        words = np.bitwise_or.reduce(part << shifts, axis=-1).astype("<u8")
+        chunk = words.view(np.uint8).reshape(len(words), k // 8, 8)[:, :, :bits]
+        out[start:start + rows] = np.ascontiguousarray(chunk).reshape(len(words), -1).view("<u4")
     return out
 
 
@@ -192,7 +192,7 @@ def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _q8_0(b):
     d = _f16(b[:, 0:2])
-    return (b[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d[:, None], -128 * d[:, None], 8, 32
+    return b[:, 2:34] ^ np.uint8(0x80), d[:, None], -128 * d[:, None], 8, 32     # int8 + 128
 
 
 def _q4_0(b):
