@@ -636,11 +636,11 @@ def _execution(info: dict, settings: Any) -> str:
     gguf = info.get("format") in ("gguf", "quantized")
     if options.get("dequantize") or (not gguf and "quantize" not in options):
         return f"dense ({settings.dtype} weights)" if not gguf else "dequantized at load (--quantize none)"
-    kernel = getattr(backends.for_device(settings.device), "quantized_kernel", lambda device: None)(settings.device)
+    backend = backends.for_device(settings.device)
+    kernel = getattr(backend, "quantized_kernel", lambda device: None)(settings.device)
     if kernel is None:
-        from mrs.kernels.qmatmul import cpu_kernel_error
-
-        return f"dequantized at load: {cpu_kernel_error() or 'this backend runs no quantized weights'}"
+        why = getattr(backend, "quantized_kernel_reason", lambda device: None)(settings.device)
+        return f"dequantized at load: {why or 'this backend runs no quantized weights'}"
     how = {"cpu": "mrs's CPU kernel", "xla": "dequantized inside each step, fused by XLA"}[kernel]
     what = "its quantized weights" if gguf else f"{options['quantize']}, quantized at load"
     return f"quantized: {what} ({how})"

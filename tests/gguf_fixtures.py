@@ -44,12 +44,18 @@ def write_gguf(folder: Path, out: Path, fixture: str, qtype: str = "F32", int8: 
     by_id = {i: t for t, i in {**vocab, **added}.items()}
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
     types = [3 if tokens[i] in added else (5 if i not in by_id else 1) for i in range(size)]
-    merges = tokenizer["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_string("tokenizer.ggml.pre", "default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    if tokenizer["model"]["type"] == "BPE":
+        merges = tokenizer["model"]["merges"]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_string("tokenizer.ggml.pre", "default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    else:       # a word-level vocabulary (the benchmarks' random-weight models): as SentencePiece pieces
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_token_types(types)
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())

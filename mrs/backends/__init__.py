@@ -4,8 +4,12 @@ Everything above it (the model record in mrs/model.py, the generation loop, the
 continuous batcher, chat sessions, embeddings, the server, the CLI) sees numpy and the
 small protocol below, never jax or mlx. A backend implements it once:
 
-- ``load(path, family, config, dtype, device) -> Runner``: weights of one model placed
-  on the backend's device, its compiled steps, its caches;
+- ``load(path, family, config, dtype, device, **options) -> Runner``: weights of one model
+  placed on the backend's device, its compiled steps, its caches; ``quantized=`` (module
+  path -> mrs.quant.QuantFormat of tensors that arrive packed) and ``quantize=`` (a format
+  for dense projections at load) where the backend runs quantized weights;
+- optionally ``quantized_kernel(device)`` (the kernel's name, or None where quantized
+  weights must be dequantized) and ``quantized_kernel_reason(device)`` (why not);
 - ``Runner``: new caches (opaque pytrees with per-slot lengths), whole-sequence logits,
   pooled encoder states, and ``steps(num_top)``;
 - ``Steps``: prefill into a batch or into one cache slot, and decode, each returning a

@@ -118,7 +118,7 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
         kernel = quantized_kernel(device)
         if kernel is None:
             raise MrsError("quantized weights cannot run here: the CPU kernel is not built "
-                           f"({cpu_kernel_reason()}); load with dequantize=True")
+                           f"({quantized_kernel_reason(device)}); load with dequantize=True")
         swap_linears(abstract, quantized_variant(formats, kernel))
     if variant is not None:
         swap_linears(abstract, variant)
@@ -156,7 +156,10 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev, formats)
 
 
-def cpu_kernel_reason() -> str | None:
+def quantized_kernel_reason(device: str | None = None) -> str | None:
+    """Why ``quantized_kernel`` is None here (the CPU kernel did not build), else None."""
+    if pick_device(device).platform != "cpu":
+        return None
     from mrs.kernels.qmatmul import cpu_kernel_error
 
     return cpu_kernel_error()
