@@ -361,13 +361,14 @@ class MrsBatch:
 def load_mrs(folder: Path, args) -> tuple[Any, dict]:
     with mrs_load_progress(folder):
         t = time.perf_counter()
-        model = mrs.load(folder, dtype=args.dtype, device="auto", home=folder.parent)
+        model = mrs.load(folder, dtype=args.dtype, device="auto", home=folder.parent, quantize=args.quantize)
         jax.block_until_ready(model.runner.params)
         wall = time.perf_counter() - t
     console.log(f"mrs: loaded {model} in {model.load_seconds:.2f}s ({wall:.2f}s until on device)")
     read, total = weight_bytes(model)
     return model, {"load_seconds": model.load_seconds, "load_wall_seconds": wall, "num_params": model.num_params,
-                   "param_bytes": total, "weight_bytes_per_step": read, "by_batch": {}}
+                   "param_bytes": total, "weight_bytes_per_step": read, "by_batch": {},
+                   "quantization": model.quantization, "execution": model.runner.formats and "quantized" or "dense"}
 
 
 # --- transformers ------------------------------------------------------------------
@@ -571,7 +572,9 @@ def print_table(report: dict) -> None:
     out.print(f"[bold]machine[/] {mach['cpu']}, {mach['cores']} cores, {mach.get('memory_gib', '?')} GiB; "
               f"jax {mach['jax']} {mach['jax_backend']} ({mach['device_kind']}); "
               f"load average {mach.get('loadavg', ['?'])[0]} at start, {mach.get('loadavg_end', ['?'])[0]} at end")
-    out.print(f"[bold]model[/] {model['name']} {model['dtype']}: {report['mrs']['num_params'] / 1e6:,.1f}M params, "
+    quantized = ", ".join(f"{k} x{v}" for k, v in report["mrs"].get("quantization", {}).items())
+    out.print(f"[bold]model[/] {model['name']} {model['dtype']}{' mrs quantized ' + quantized if quantized else ''}: "
+              f"{report['mrs']['num_params'] / 1e6:,.1f}M params, "
               f"{report['mrs']['weight_bytes_per_step'] / 1e6:,.0f} MB read per decode step; "
               f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens")
     out.print(f"[bold]copy bandwidth[/] {_best_of(bw)}")
@@ -617,6 +620,8 @@ def parse_args(argv=None):
     which.add_argument("--shape", choices=sorted(random_model.SHAPES),
                        help="random weights at this model's real shapes (built once, cached)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="run mrs quantized at load (transformers stays dense)")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8, and 32 on a GPU)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
