@@ -168,11 +168,8 @@ def _best_of(rates: dict) -> str:
     return f"{rates['gbps']:.1f} GB/s (best of {parts})"
 
 
-def read_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
-    """GB/s of reading a large array without writing one (a sum), jax and numpy on all
-    threads: a decode step streams its weights this way, so this is its real ceiling
-    (the copy bound above counts written bytes too)."""
-    out: dict[str, Any] = {"array_bytes": nbytes}
+def _jax_read_gbps(nbytes: int, repeats: int) -> float:
+    """The jax half of read_bandwidth; its array is freed on return, before numpy's is made."""
     total = jax.jit(jnp.sum)
     data = jnp.ones((nbytes // 4,), jnp.float32)
 
@@ -181,8 +178,14 @@ def read_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
             result = total(data)
         result.block_until_ready()
 
-    out["jax_gbps"] = 8 * nbytes / _best_seconds(jax_read, repeats) / 1e9
-    del data
+    return 8 * nbytes / _best_seconds(jax_read, repeats) / 1e9
+
+
+def read_bandwidth(nbytes: int = 2**30, repeats: int = 5) -> dict:
+    """GB/s of reading a large array without writing one (a sum), jax and numpy on all
+    threads: a decode step streams its weights this way, so this is its real ceiling
+    (the copy bound above counts written bytes too)."""
+    out: dict[str, Any] = {"array_bytes": nbytes, "jax_gbps": _jax_read_gbps(nbytes, repeats)}
     if jax.default_backend() == "cpu":
         parts = np.array_split(np.ones(nbytes // 4, np.float32), cpu_count())
         with ThreadPoolExecutor(len(parts)) as pool:  # numpy's sum releases the GIL
