@@ -588,3 +588,14 @@ def test_a_step_sorts_the_vocabulary_only_in_the_branch_that_needs_it():
     entry = hlo[hlo.index("\nENTRY"):]
     entry = entry[:entry.index("\n}")]
     assert " sort(" not in entry, [line for line in entry.splitlines() if " sort(" in line][:2]
+
+
+def test_first_argmax_is_numpys_argmax_ties_and_masked_rows_included():
+    from mrs.backends.jax.sampling import first_argmax
+
+    rows = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf] * 4, [2.0, np.nan, 5.0, 5.0], [0.0, 0.0, 0.0, 7.0]], np.float32)
+    got = np.asarray(first_argmax(jnp.asarray(rows)))
+    assert got[0] == 1 and got[1] == 0 and got[3] == 3 and 0 <= got[2] < 4
+    wide = np.random.default_rng(0).standard_normal((3, 262144)).astype(np.float32)
+    wide[1, [7, 9000]] = 50.0                       # a tie far apart: the first wins
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(wide))), wide.argmax(axis=1))

@@ -59,6 +59,16 @@ def _process(logits: jax.Array, params: SamplingParams, history: jax.Array,
     return _filter(x / t[:, None], params)
 
 
+def first_argmax(z: jax.Array) -> jax.Array:
+    """``jnp.argmax(z, -1)`` (the first of tied maxima) as a max, then the least index that
+    holds it: two plain reductions, which XLA's CPU backend vectorizes; its argmax's
+    (value, index) reduction is 5x slower over a 262K vocabulary (1.3 ms a step)."""
+    V = z.shape[-1]
+    top = jnp.max(z, axis=-1, keepdims=True)
+    index = jnp.min(jnp.where(z == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(index, V - 1)          # a NaN row (no index equals its max): the last, not V
+
+
 def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: jax.Array,
            *, num_top: int = 0, logit_bias: jax.Array | None = None,
            allowed: jax.Array | None = None) -> SampleResult:
@@ -75,7 +85,7 @@ def sample(logits: jax.Array, params: SamplingParams, history: jax.Array, step: 
         raise InvalidParameterError("num_top", num_top, f"an integer in [0, {MAX_NUM_TOP}]")
     z, candidates, within = _process(logits, params, history, logit_bias, allowed)  # [B, V], [B, C], [B]
     candidates = candidates.astype(jnp.int32)
-    greedy = jnp.argmax(z, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(z)
 
     def draw(z):
         keys = jax.vmap(_draw_key)(params.key, jnp.asarray(step, jnp.int32))
