@@ -3,7 +3,7 @@ and the dispatch the quantized layers call.
 
 ``qmatmul(x, weight, scales, biases, bits=, kernel=)`` is x [..., K] . W^T -> [..., N].
 
-- ``kernel="cpu"``: mrs's C++ kernel (qmatmul.cc) through ``jax.ffi``. XLA's CPU
+- ``kernel="cpu"``: mrs's C++ kernel (cpu/qmatmul.cc) through ``jax.ffi``. XLA's CPU
   backend expands a converted int8 weight into a full float32 matrix on every call
   (10-50x slower than the float32 dot); this reads the packed codes where they lie.
 - ``kernel="xla"``: ``qmatmul_reference``, dequantize then dot, in jnp: on GPU and TPU
@@ -36,7 +36,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("qmatmul.cc")
+SOURCE = Path(__file__).parent / "cpu" / "qmatmul.cc"
 TARGET = "mrs_qmatmul"
 KERNELS = ("cpu", "xla")
 
