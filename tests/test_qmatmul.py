@@ -14,6 +14,7 @@ from mrs import quant
 from mrs.kernels import qmatmul as qm
 
 KERNEL = jax.jit(qm.qmatmul, static_argnames=("bits", "kernel"))
+CPU_KERNEL = jax.jit(qm.qmatmul_cpu, static_argnames=("bits",))      # the C++ kernel at any row count
 
 
 def case(bits: int, group: int, m: int, n: int, k: int, scale_dtype: str, seed: int):
@@ -50,13 +51,23 @@ def test_every_format_matches_dequantize_then_dot(cpu_kernel, kernel, bits, grou
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from(quant.BITS), group=st.sampled_from(quant.GROUP_SIZES), m=st.integers(1, 11),
+@given(bits=st.sampled_from(quant.BITS), group=st.sampled_from(quant.GROUP_SIZES), m=st.integers(1, 40),
        n=st.integers(1, 70), groups=st.integers(1, 4), seed=st.integers(0, 1000))
 def test_random_shapes_match_the_reference(cpu_kernel, bits, group, m, n, groups, seed):
     k = max(group, 32) * groups
     x, w, want = case(bits, group, m, n, k, "float16" if seed % 2 else "float32", seed)
-    got = KERNEL(jnp.asarray(x), *(jnp.asarray(w[n_]) for n_ in quant.LEAVES), bits=bits, kernel="cpu")
+    got = CPU_KERNEL(jnp.asarray(x), *(jnp.asarray(w[n_]) for n_ in quant.LEAVES), bits=bits)
     close(got, want, k)
+
+
+def test_a_prefill_hands_xla_one_dense_copy_and_a_decode_none(cpu_kernel):
+    """From DENSE_FROM_ROWS rows the dispatch dequantizes once for XLA's GEMM; below, the kernel."""
+    for m in (qm.DENSE_FROM_ROWS - 1, qm.DENSE_FROM_ROWS):
+        x, w, want = case(8, 32, m, 2048, 512, "float16", m)
+        args = [jnp.asarray(x)] + [jnp.asarray(w[n]) for n in quant.LEAVES]
+        close(KERNEL(*args, bits=8, kernel="cpu"), want, 512)
+        temp = KERNEL.lower(*args, bits=8, kernel="cpu").compile().memory_analysis().temp_size_in_bytes
+        assert (temp >= 2048 * 512 * 4) == (m >= qm.DENSE_FROM_ROWS), (m, temp)
 
 
 def test_leading_axes_and_dtypes_pass_through(cpu_kernel):

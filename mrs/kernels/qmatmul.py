@@ -163,10 +163,21 @@ def qmatmul_cpu(x: jax.Array, weight: jax.Array, scales: jax.Array, biases: jax.
     return y.reshape(lead + (n,)).astype(x.dtype)
 
 
+# From this many rows of x (a prefill), dequantizing W once and handing XLA a dense dot
+# beats the kernel: the dequantization is paid once per N x K, the multiply-adds M x N x K
+# go to XLA's tuned GEMM. Not for matrices whose float32 copy would be large (a big
+# vocabulary's head over a whole sequence).
+DENSE_FROM_ROWS = 32
+DENSE_MAX_ELEMENTS = 1 << 26
+
+
 def qmatmul(x: jax.Array, weight: jax.Array, scales: jax.Array, biases: jax.Array, *, bits: int,
             kernel: str) -> jax.Array:
     """x [..., K] . W^T for a quantized W [N, *] (see the module docstring for ``kernel``)."""
     if kernel == "cpu":
+        rows = int(np.prod(x.shape[:-1]))
+        if rows >= DENSE_FROM_ROWS and weight.shape[0] * x.shape[-1] <= DENSE_MAX_ELEMENTS:
+            return qmatmul_reference(x, weight, scales, biases, bits)
         return qmatmul_cpu(x, weight, scales, biases, bits)
     if kernel == "xla":
         return qmatmul_reference(x, weight, scales, biases, bits)
