@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefill", type=int, default=256, help="prompt tokens of the prefill comparison")
     parser.add_argument("--text", type=Path)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--no-perplexity", action="store_true", help="skip the perplexity comparison")
@@ -121,6 +122,27 @@ def main() -> None:
         rounds = ", ".join(f"{v:.1f}" for v in values)
         print(f"decode {name}: {statistics.median(values):.1f} tok/s (rounds: {rounds})")
     print(f"ratio mrs / llama.cpp: {statistics.median(rates['mrs']) / statistics.median(rates['llama.cpp']):.2f}")
+
+    # prefill: a prompt of --prefill tokens, first token only, alternating
+    prompt = (ids * (args.prefill // len(ids) + 1))[:args.prefill]
+    mrs.generate(model, prompt, max_tokens=1, temperature=0, ignore_eos=True)      # compile
+    fill: dict[str, list[float]] = {"mrs": [], "llama.cpp": []}
+    for _ in range(args.rounds):
+        done = mrs.generate(model, prompt, max_tokens=1, temperature=0, ignore_eos=True)
+        fill["mrs"].append(len(prompt) / done.prompt_seconds)
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        fill["llama.cpp"].append(len(prompt) / (time.perf_counter() - started))
+    for name, values in fill.items():
+        print(f"prefill {len(prompt)} {name}: {statistics.median(values):.0f} tok/s "
+              f"(rounds: {', '.join(f'{v:.0f}' for v in values)})")
+    print(f"prefill ratio mrs / llama.cpp: {statistics.median(fill['mrs']) / statistics.median(fill['llama.cpp']):.2f}")
+    import resource
+
+    print(f"peak resident memory of this process (both runtimes): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB; mrs's weights "
+          f"{model.runner.weight_bytes / 1e6:.0f} MB")
     print(f"mrs:       {texts['mrs'][:120]!r}\nllama.cpp: {texts['llama.cpp'][:120]!r}")
 
     text_path = None if args.no_perplexity else args.text or default_text()
