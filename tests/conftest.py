@@ -24,6 +24,11 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The torch-free stage (scripts/test312.sh, newest jax) has no oracle for these modules,
+# which check mrs against transformers' own code at import.
+ORACLES = importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")
+collect_ignore = [] if ORACLES else ["test_sampling.py"]
+
 
 def load_script(stem: str):
     """Import scripts/<stem>.py by path (scripts/ is not a package), once per session."""

