@@ -182,12 +182,11 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
         hf_config = source.hf_config()
         family, config = families.resolve(hf_config)
         tokenizer = gguf.tokenizer(source)
-        converted: dict = {}
+        by_checkpoint: dict = {}            # checkpoint module -> the format its model tensor takes
         if not dequantize and _runs_quantized(backend, device):
-            planned, converted = quant.plan(source.tensor_formats(config.num_hidden_layers),
-                                            family.checkpoint_map(config).fused)
-            backend_options["quantized"] = planned
-        backend_options["checkpoint"] = gguf.GGUFTensors(source, config, converted)
+            backend_options["quantized"], by_checkpoint = quant.plan(
+                source.tensor_formats(config.num_hidden_layers), family.checkpoint_map(config).fused)
+        backend_options["checkpoint"] = gguf.GGUFTensors(source, config, by_checkpoint)
     else:
         from mrs import quant, quant_checkpoint, weights
 
@@ -196,14 +195,12 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
         tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() else None
         if quant_checkpoint.quantization(hf_config) is not None:     # an MLX-layout quantized checkpoint
             stored = quant_checkpoint.formats(path, hf_config)
-            wanted: dict = {}
+            by_checkpoint = {}
             if not dequantize and _runs_quantized(backend, device):
-                wanted, converted = quant.plan(quant_checkpoint.module_formats(path, hf_config),
-                                               family.checkpoint_map(config).fused)
-                backend_options["quantized"] = wanted
-                wanted = converted
+                backend_options["quantized"], by_checkpoint = quant.plan(
+                    quant_checkpoint.module_formats(path, hf_config), family.checkpoint_map(config).fused)
             backend_options["checkpoint"] = _Stream(
-                lambda: quant_checkpoint.converted(weights.iter_tensors(path), stored, wanted), path)
+                lambda: quant_checkpoint.converted(weights.iter_tensors(path), stored, by_checkpoint), path)
     runner = backend.load(path, family, config, dtype=dtype, device=device, **backend_options)
     model = Model(path, hf_config, family, config, runner, tokenizer, time.perf_counter() - started, name=name,
                   default_options=options, default_system=system)
