@@ -118,19 +118,24 @@ def dequantized_twin(source: Path, out: Path, qtype: str) -> Path:
     shutil.copytree(source, out)
     kind = getattr(gguf.GGMLQuantizationType, qtype)
     tensors = load_file(source / "model.safetensors")
-    twin = {k: (dequantize(quantize(v.astype(np.float32), kind), kind).reshape(v.shape) if v.ndim == 2 else v)
+    twin = {k: (dequantize(quantize(v.astype(np.float32), kind), kind).reshape(v.shape)
+                if v.ndim == 2 and v.shape[1] % 32 == 0 else v)      # what the writer quantizes
             for k, v in tensors.items()}
     save_file(twin, out / "model.safetensors")
     return out
 
 
-@pytest.mark.parametrize("name,qtype", [("llama", "Q8_0"), ("llama", "Q4_0"), ("phi3", "Q8_0")])
+@pytest.mark.parametrize("name,qtype", [("llama", "Q8_0"), ("llama", "Q4_0"), ("phi3", "Q8_0"), ("phi", "Q8_0"),
+                                        ("mamba", "Q8_0")])
 def test_quantized_gguf_tensors_load_as_their_dequantized_values(written, fixture_path, tmp_path, name, qtype):
-    """phi3: quantized blocks of fused q/k/v and gate/up rows, split after dequantizing."""
+    """phi3: quantized blocks of fused q/k/v and gate/up rows, split after dequantizing; phi:
+    a quantized Wqkv split into three quantized parts; mamba: a quantized tied head."""
     _, model = written(name, qtype)
+    assert model.quantization
     twin = mrs.load(str(dequantized_twin(fixture_path(name), tmp_path / "twin", qtype)))
     ids = dict(np.load(fixture_path(name) / "golden.npz"))["logits_ids"]
-    np.testing.assert_allclose(model.logits(ids), twin.logits(ids), atol=LOGITS_TOLERANCE, rtol=0)
+    tolerance = 1e-3 if name == "mamba" else LOGITS_TOLERANCE    # its scan compounds float32 rounding
+    np.testing.assert_allclose(model.logits(ids), twin.logits(ids), atol=tolerance, rtol=0)
 
 
 def test_the_llama_arch_permutation_is_undone_not_ignored(fixture_path):

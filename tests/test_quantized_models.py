@@ -148,7 +148,14 @@ def test_mlx_quantized_weights_are_read_exactly(tmp_path):
                                       np.array(mx.dequantize(q, s, b, group_size=32, bits=bits)))
 
 
-def test_a_quantized_checkpoint_runs_quantized_as_it_runs_dequantized(quantized_folder, fixture_path):
+def test_a_quantized_checkpoint_runs_quantized_as_it_runs_dequantized(quantized_folder, fixture_path, capsys):
+    import json
+
+    from mrs.cli import main
+
+    assert main(["show", str(quantized_folder), "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["dtype"] == "Q4 g32" and shown["execution"] == "quantized: its quantized weights (mrs's CPU kernel)"
     model = mrs.load(str(quantized_folder))
     dense = mrs.load(str(quantized_folder), dequantize=True)
     assert model.quantization == {"4-bit g32": 9} and not dense.quantization
@@ -159,8 +166,8 @@ def test_a_quantized_checkpoint_runs_quantized_as_it_runs_dequantized(quantized_
 
 
 def test_parts_quantized_differently_stack_in_the_wider_format(quantized_folder, tmp_path):
-    """mlx-lm's per-module overrides: q_proj at 8 bits beside 4-bit k/v: the fused q/k/v is
-    8-bit, its 4-bit parts repacked without loss."""
+    """mlx-lm's per-module overrides: q_proj at 8 bits in groups of 16 beside 4-bit g32 k/v:
+    the fused q/k/v is 8-bit g16, its 4-bit parts repacked and their scales repeated."""
     import json
 
     from safetensors.numpy import load_file as load
@@ -171,14 +178,14 @@ def test_parts_quantized_differently_stack_in_the_wider_format(quantized_folder,
     tensors = load(mixed / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj"
     dense = quant.dequantize(*(tensors[f"{name}.{leaf}"] for leaf in quant.LEAVES), 4)
-    for leaf, array in quant.quantize(dense, 8, 32).packed().items():
+    for leaf, array in quant.quantize(dense, 8, 16).packed().items():
         tensors[f"{name}.{leaf}"] = array if leaf == "weight" else array.astype(np.float16)
     save(tensors, mixed / "model.safetensors")
     config = json.loads((mixed / "config.json").read_text())
-    config["quantization"][name] = {"bits": 8, "group_size": 32}
+    config["quantization"][name] = {"bits": 8, "group_size": 16}
     (mixed / "config.json").write_text(json.dumps(config))
     model = mrs.load(str(mixed))
-    assert model.runner.formats["model.layers.0.self_attn.qkv_proj"] == quant.QuantFormat(8, 32, "float16")
+    assert model.runner.formats["model.layers.0.self_attn.qkv_proj"] == quant.QuantFormat(8, 16, "float16")
     ids = np.array([[1, 17, 42, 99, 7, 300]])
     np.testing.assert_allclose(model.logits(ids), mrs.load(str(mixed), dequantize=True).logits(ids),
                                atol=LOGITS_TOLERANCE, rtol=0)
@@ -203,3 +210,35 @@ def test_mrs_quantize_leaves_nothing_when_it_fails(fixture_path, tmp_path, monke
     assert main(["--home", str(home), "quantize", str(fixture_path("llama")), "test/q3", "--bits", "3"]) != 0
     assert main(["--home", str(home), "quantize", str(home / "test--q8"), "test/again"]) != 0
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_a_tied_head_the_checkpoint_also_stores_is_left_for_the_loader_to_ignore(fixture_path, tmp_path):
+    """Checkpoints of tied models often carry lm_head.weight too; quantized, its scales would
+    be tensors the model has no place for."""
+    import json
+
+    from mrs import quant_checkpoint
+
+    source = tmp_path / "tied"
+    shutil.copytree(fixture_path("llama"), source)
+    assert json.loads((source / "config.json").read_text())["tie_word_embeddings"]
+    tensors = load_file(source / "model.safetensors")
+    save_file(tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"]}, source / "model.safetensors")
+    quant_checkpoint.write(source, tmp_path / "out", 8, 32)
+    assert mrs.load(str(tmp_path / "out")).quantization == {"8-bit g32": 9}
+
+
+def test_inputs_that_do_not_fill_the_asked_groups_fall_back_to_groups_of_32():
+    from flax import nnx
+
+    from mrs.archs.layers import Linear
+    from mrs.backends.jax import quantizable
+
+    class Two(nnx.Module):
+        def __init__(self):
+            self.wide = Linear(128, 8, bias=False, dtype=np.float32, axes=("out", "in"))
+            self.odd = Linear(96, 8, bias=False, dtype=np.float32, axes=("out", "in"))
+            self.tiny = Linear(4, 8, bias=False, dtype=np.float32, axes=("out", "in"))
+
+    found = quantizable(nnx.eval_shape(Two), quant.QuantFormat(8, 64))
+    assert found == {"wide": quant.QuantFormat(8, 64), "odd": quant.QuantFormat(8, 32)}
