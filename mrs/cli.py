@@ -88,12 +88,12 @@ def _print_json(value: Any) -> None:
 
 
 class CLI:
-    """mrs — run, serve and inspect open LLMs (Llama, Mistral, Granite, Qwen, Phi, Mamba, BERT) on JAX.
+    """mrs — run, serve and inspect open LLMs (Llama, Mistral, Granite, Qwen, Phi, Gemma, Mamba, BERT) on JAX or MLX.
 
     Models: pull, search, list (ls), show (info), rm, cp, verify, checksums.
     Run: chat (run), generate, embed, serve, ps.  Settings: config.
 
-    Global flags (any command): --home DIR (models directory, MRS_HOME), --device auto|cpu|gpu|tpu
+    Global flags (any command): --home DIR (models directory, MRS_HOME), --device auto|cpu|gpu|tpu|mlx
     (MRS_DEVICE), --dtype auto|float32|bfloat16 (MRS_DTYPE), --quantize auto|int8|int4|none
     (MRS_QUANTIZE: auto runs GGUF files quantized; int8/int4 quantize dense weights at load; none
     dequantizes), --verbose.
@@ -641,7 +641,8 @@ def _execution(info: dict, settings: Any) -> str:
     if kernel is None:
         why = getattr(backend, "quantized_kernel_reason", lambda device: None)(settings.device)
         return f"dequantized at load: {why or 'this backend runs no quantized weights'}"
-    how = {"cpu": "mrs's CPU kernel", "xla": "dequantized inside each step, fused by XLA"}[kernel]
+    how = {"cpu": "mrs's CPU kernel", "xla": "dequantized inside each step, fused by XLA",
+           "mlx": "MLX's quantized matmul"}[kernel]
     what = "its quantized weights" if gguf else f"{options['quantize']}, quantized at load"
     return f"quantized: {what} ({how})"
 

@@ -21,7 +21,7 @@ from mrs.errors import MrsError
 
 APP = "mrs"
 ENV_PREFIX = "MRS_"
-DEVICES = ("auto", "cpu", "gpu", "tpu")
+DEVICES = ("auto", "cpu", "gpu", "tpu", "mlx")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("auto", "int8", "int4", "none")
 

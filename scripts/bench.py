@@ -105,6 +105,12 @@ def machine_info() -> dict:
         "python": platform.python_version(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
         "device": str(device), "device_kind": device.device_kind, "device_count": jax.device_count(),
     }
+    try:
+        import mlx.core as mx
+
+        info["mlx"], info["mlx_device"] = mx.__version__, str(mx.default_device())
+    except ImportError:
+        pass
     if hasattr(os, "getloadavg"):
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     try:
@@ -245,14 +251,23 @@ def mrs_load_progress(folder: Path):
             weights.iter_tensors = original
 
 
+def named_params(model) -> list[tuple[str, Any]]:
+    """(dotted name, array) of every param, on either backend."""
+    if model.runner.backend == "mlx":
+        from mlx.utils import tree_flatten
+
+        return tree_flatten(model.runner.model.parameters())
+    return [(".".join(str(getattr(key, "key", key)) for key in path), value)
+            for path, value in jax.tree_util.tree_flatten_with_path(model.runner.params)[0]]
+
+
 def weight_bytes(model) -> tuple[int, int]:
     """(bytes of params a decode step reads, bytes of all params)."""
     total = read = 0
     tied = model.hf_config.get("tie_word_embeddings", False)
-    for path, value in jax.tree_util.tree_flatten_with_path(model.runner.params)[0]:
+    for name, value in named_params(model):
         nbytes = value.nbytes
         total += nbytes
-        name = ".".join(str(getattr(key, "key", key)) for key in path)
         if not (name.endswith("embed_tokens.weight") and not tied):  # a gather, unless it is the head
             read += nbytes
     return read, total
@@ -281,6 +296,8 @@ def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, f
     from mrs.engine.shapes import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket, step_positions
     from mrs.sampling import SamplingParams
 
+    if model.runner.backend != "jax":
+        return protocol_raw_steps(model, prompts, new_tokens)
     batch, length = prompts.shape
     max_len = bucket(length + new_tokens, MIN_CACHE_BUCKET, model.context_length)
     width = bucket(length, MIN_PROMPT_BUCKET, max_len)
@@ -306,6 +323,35 @@ def mrs_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, f
         result, cache, history = steps.decode(params, result.tokens, cache, sampling, history, step, active,
                                               allowed)
     result.tokens.block_until_ready()
+    return prefilled - started, time.perf_counter() - prefilled
+
+
+def protocol_raw_steps(model, prompts: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """``mrs_raw_steps`` through the backend protocol (MLX): prefill, then decode steps fed
+    each other's pending tokens, read back only at the end."""
+    from mrs.engine.shapes import MIN_CACHE_BUCKET, MIN_PROMPT_BUCKET, bucket, step_positions
+    from mrs.sampling import SamplingParams
+
+    batch, length = prompts.shape
+    max_len = bucket(length + new_tokens, MIN_CACHE_BUCKET, model.context_length)
+    width = bucket(length, MIN_PROMPT_BUCKET, max_len)
+    tokens = np.zeros((batch, width), np.int32)
+    tokens[:, :length] = prompts
+    history = np.full((batch, max_len), -1, np.int32)
+    history[:, max_len - length:] = prompts
+    steps = model.runner.steps(0)
+    sampling = steps.sampling(SamplingParams.stack([SamplingParams.make(temperature=0, seed=0)] * batch))
+    cache = model.init_cache(batch, max_len)
+    positions = step_positions(np.zeros((batch,), np.int32), np.full((batch,), length, np.int32), width)
+    history, active = steps.history(history), np.ones((batch,), bool)
+    started = time.perf_counter()
+    pending, cache = steps.prefill(cache, tokens, positions, sampling, history, np.zeros((batch,), np.int32), None)
+    pending.read()
+    prefilled = time.perf_counter()
+    for i in range(1, new_tokens):
+        pending, cache, history = steps.decode(cache, pending.tokens, sampling, history,
+                                               np.full((batch,), i, np.int32), active, None)
+    pending.read()
     return prefilled - started, time.perf_counter() - prefilled
 
 
@@ -364,12 +410,14 @@ class MrsBatch:
 def load_mrs(folder: Path, args) -> tuple[Any, dict]:
     with mrs_load_progress(folder):
         t = time.perf_counter()
-        model = mrs.load(folder, dtype=args.dtype, device="auto", home=folder.parent, quantize=args.quantize)
-        jax.block_until_ready(model.runner.params)
+        model = mrs.load(folder, dtype=args.dtype, device=args.device, home=folder.parent, quantize=args.quantize)
+        if model.runner.backend == "jax":
+            jax.block_until_ready(model.runner.params)          # (MLX evaluates its weights at load)
         wall = time.perf_counter() - t
     console.log(f"mrs: loaded {model} in {model.load_seconds:.2f}s ({wall:.2f}s until on device)")
     read, total = weight_bytes(model)
-    return model, {"load_seconds": model.load_seconds, "load_wall_seconds": wall, "num_params": model.num_params,
+    return model, {"backend": model.runner.backend, "device": model.runner.device_name,
+                   "load_seconds": model.load_seconds, "load_wall_seconds": wall, "num_params": model.num_params,
                    "param_bytes": total, "weight_bytes_per_step": read, "by_batch": {},
                    "quantization": model.quantization, "execution": model.runner.formats and "quantized" or "dense"}
 
@@ -582,7 +630,7 @@ def print_table(report: dict) -> None:
               f"prompt {report['settings']['prompt_len']} + {report['settings']['new_tokens']} new tokens")
     out.print(f"[bold]copy bandwidth[/] {_best_of(bw)}")
     out.print(f"[bold]read bandwidth[/] {_best_of(report['read_bandwidth'])}")
-    load = f"mrs {report['mrs']['load_seconds']:.2f}s (on device {report['mrs']['load_wall_seconds']:.2f}s)"
+    load = f"mrs on {report['mrs']['backend']} ({report['mrs']['device']}) {report['mrs']['load_seconds']:.2f}s (on device {report['mrs']['load_wall_seconds']:.2f}s)"
     if theirs:
         load += f", transformers {theirs['load_seconds']:.2f}s (torch {theirs['torch']}, {theirs['threads']} threads)"
     else:
@@ -623,6 +671,8 @@ def parse_args(argv=None):
     which.add_argument("--shape", choices=sorted(random_model.SHAPES),
                        help="random weights at this model's real shapes (built once, cached)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu", "mlx"],
+                        help="where mrs runs (mlx: the MLX backend; transformers stays on the CPU or CUDA)")
     parser.add_argument("--quantize", choices=["int8", "int4"],
                         help="run mrs quantized at load (transformers stays dense)")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 8, and 32 on a GPU)")

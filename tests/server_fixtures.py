@@ -138,11 +138,23 @@ def build_ollama_store(root: Path, llama_folder: Path) -> None:
 @pytest.fixture(scope="session")
 def live_server(request, tmp_path_factory) -> LiveServer:
     """Start `python -m mrs.server --model test/llama --preload` and wait until /health is ok."""
+    yield from serve(request, tmp_path_factory, "cpu")
+
+
+@pytest.fixture(scope="session")
+def mlx_server(request, tmp_path_factory) -> LiveServer:
+    """The same server with MRS_DEVICE=mlx: every model runs on the MLX backend."""
+    pytest.importorskip("mlx.core")
+    yield from serve(request, tmp_path_factory, "mlx")
+
+
+def serve(request, tmp_path_factory, device: str):
+    """Start a live server whose models run on ``device``; yield it, then stop it."""
     sys.path.insert(0, str(Path(__file__).parent))
     from hub_server import FakeHub
 
     root = _fixture_root(request)
-    base = tmp_path_factory.mktemp("server")
+    base = tmp_path_factory.mktemp(f"server-{device}")
     home = base / "models"
     home.mkdir()
     # A copy, not a link: another session may rebuild the shared fixtures while this one runs.
@@ -164,6 +176,7 @@ def live_server(request, tmp_path_factory) -> LiveServer:
     }
     env.update(
         SETTINGS,
+        MRS_DEVICE=device,
         MRS_HOME=str(home),
         MRS_MIRROR=hub.url,
         MRS_CONFIG=str(base / "none.toml"),

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mrs"
-# Below the seam: the JAX backend's array code. Every other module is above it.
-BELOW_SEAM = ("mrs.backends.jax", "mrs.archs", "mrs.cache", "mrs.kernels")
+# Below the seam: each backend's array code. Every other module is above it.
+JAX_SIDE = ("mrs.backends.jax", "mrs.archs", "mrs.cache", "mrs.kernels")
+MLX_SIDE = ("mrs.backends.mlx", "mrs.mlx")
+BELOW_SEAM = JAX_SIDE + MLX_SIDE
 ARRAY_LIBRARIES = ("jax", "jaxlib", "flax", "mlx", "torch")
 
 
@@ -42,8 +44,8 @@ def graph() -> dict[str, set[str]]:
     return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
 
 
-def below(name: str) -> bool:
-    return any(name == b or name.startswith(b + ".") for b in BELOW_SEAM)
+def below(name: str, side: tuple[str, ...] = BELOW_SEAM) -> bool:
+    return any(name == b or name.startswith(b + ".") for b in side)
 
 
 def test_the_package_has_no_import_circle():
@@ -78,6 +80,17 @@ def test_no_module_above_the_seam_imports_an_array_library_or_the_code_below_it(
             top = imported.split(".")[0]
             if top in ARRAY_LIBRARIES or below(imported):
                 offenders.append(f"{name} imports {imported}")
+    assert not offenders, offenders
+
+
+def test_the_backends_stand_apart_mlx_code_never_imports_jax_and_jax_code_never_imports_mlx():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        for side, other, foreign in ((MLX_SIDE, JAX_SIDE, ("jax", "jaxlib", "flax")), (JAX_SIDE, MLX_SIDE, ("mlx",))):
+            if below(name, side):
+                offenders += [f"{name} imports {m}" for m in imports_of(path)
+                              if m.split(".")[0] in foreign or below(m, other)]
     assert not offenders, offenders
 
 

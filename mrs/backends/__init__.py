@@ -24,6 +24,9 @@ Sampling parameters are validated once, backend-free, in mrs/sampling.py; a back
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import platform
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -129,24 +132,48 @@ class Runner(Protocol):
 
 
 # Backend name -> the module whose ``load(path, family, config, *, dtype, device, **options)``
-# returns a Runner; imported on first use, so `mrs --help` never imports jax. A new backend
-# adds its entry here (the MLX one: "mlx": "mrs.backends.mlx").
-BACKENDS: dict[str, str] = {"jax": "mrs.backends.jax"}
+# returns a Runner; imported on first use, so `mrs --help` never imports an array library.
+BACKENDS: dict[str, str] = {"jax": "mrs.backends.jax", "mlx": "mrs.backends.mlx"}
+# What to install when a backend's array library is missing.
+EXTRAS: dict[str, str] = {"jax": "pip install mrs (jax is a core dependency)",
+                          "mlx": 'pip install "mrs[mlx]" (mlx on macOS, mlx[cpu] on Linux)'}
 _LOADED: dict[str, Any] = {}
 
 
 def backend(name: str) -> Any:
-    """The backend module of that name."""
+    """The backend module of that name (a clear error when its array library is missing)."""
     if name not in _LOADED:
         if name not in BACKENDS:
             raise MrsError(f"backend {name!r} is not available (have: {', '.join(sorted(BACKENDS))})")
-        _LOADED[name] = importlib.import_module(BACKENDS[name])
+        try:
+            _LOADED[name] = importlib.import_module(BACKENDS[name])
+        except ImportError as e:
+            library = (e.name or "").split(".")[0]
+            if library not in ("mlx", "jax", "jaxlib", "flax"):
+                raise
+            raise MrsError(f"the {name} backend needs {library}, which is not installed here: "
+                           f"{EXTRAS.get(name, 'install it')}") from e
     return _LOADED[name]
 
 
+def apple_silicon() -> bool:
+    """macOS on arm64, where MLX runs on the GPU."""
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def auto_backend() -> str:
+    """What ``--device auto`` runs: MLX on Apple silicon when mlx is installed, else JAX."""
+    if apple_silicon() and importlib.util.find_spec("mlx") is not None:
+        return "mlx"
+    return "jax"
+
+
 def for_device(device: str | None) -> Any:
-    """The backend that runs ``device``: a BACKENDS name, else JAX ('auto', 'cpu', 'gpu', 'tpu')."""
+    """The backend that runs ``device``: 'mlx', else JAX ('cpu', 'gpu', 'tpu'); 'auto' as
+    ``auto_backend`` says."""
     device = device or "auto"
-    if device in BACKENDS and device != "jax":
+    if device == "auto":
+        return backend(auto_backend())
+    if device in BACKENDS:
         return backend(device)
     return backend("jax")

@@ -376,7 +376,8 @@ async def ps(request: Request) -> HTTPResponse:
                  "digest": _bare_digest(info), "details": _details(info), "expires_at": rfc3339(loaded.expires_at),
                  "size_vram": loaded.size_bytes if on_gpu else 0,
                  "context_length": loaded.batcher.max_len if loaded.batcher else loaded.model.context_length,
-                 "in_flight": loaded.in_flight}
+                 "in_flight": loaded.in_flight,
+                 "device": loaded.model.runner.device_name}      # mrs extension: "cpu", "cuda:0", "mlx:gpu"
         if loaded.batcher is not None:
             entry["batch"] = loaded.batcher.stats()  # mrs extension: slots, busy, queued, requests, tokens
         out.append(entry)
