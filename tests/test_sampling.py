@@ -1,13 +1,18 @@
 """mrs.sampling: per-row parameters, HF/OpenAI semantics, seeds, distribution, no recompiles.
 
-Shapes stay fixed (B=4 rows, V=64 tokens, W=16 history) so hypothesis draws reuse one
-compilation. Random logits are continuous normals, so ties have probability zero; where
-float rounding could flip a filter at its boundary, the oracle test rejects that draw.
+The behaviour tests run against each backend's sampler (``backend``: the JAX kernel, and
+the MLX one where ``mlx`` imports); tests of JAX internals (compilations, 64-bit types,
+its candidate filter, its HLO) stay JAX-only. Shapes stay fixed (B=4 rows, V=64 tokens,
+W=16 history) so hypothesis draws reuse one compilation. Random logits are continuous
+normals, so ties have probability zero; where float rounding could flip a filter at its
+boundary, the oracle test rejects that draw.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import math
 
 import jax
@@ -33,7 +38,14 @@ from mrs.sampling import (
     SamplingParams,
 )
 
+try:
+    import mlx.core as mx
+except ImportError:  # the MLX sampler's tests skip; the JAX ones still run
+    mx = None
+
 B, V, W, NUM_TOP = 4, 64, 16, 5
+BACKENDS = ["jax", pytest.param("mlx", marks=pytest.mark.skipif(mx is None, reason="mlx is not installed"))]
+backends = pytest.mark.parametrize("backend", BACKENDS)
 SETTINGS = settings(max_examples=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 process_jit = jax.jit(process_logits)
@@ -116,18 +128,55 @@ def filtered_probs_ref(y: np.ndarray, top_k: int, top_p: float, min_p: float) ->
     return softmax(np.where(keep, y, -np.inf))
 
 
-def run(logits, params, history, step, **kw):
-    out = sample_jit(logits, params, history, np.asarray(step, np.int32), num_top=NUM_TOP, **kw)
+def _mlx_kwargs(**kw) -> dict:
+    return {name: None if a is None else mx.array(np.asarray(a)) for name, a in kw.items()}
+
+
+def run(backend: str, logits, params, history, step, **kw) -> list[np.ndarray]:
+    """The backend's sample(), its results as numpy."""
+    step = np.asarray(step, np.int32)
+    if backend == "jax":
+        out = sample_jit(logits, params, history, step, num_top=NUM_TOP, **kw)
+    else:
+        from mrs.backends.mlx.sampling import sample
+
+        out = sample(mx.array(np.asarray(logits)), params, mx.array(np.asarray(history, np.int32)), step,
+                     num_top=NUM_TOP, **_mlx_kwargs(**kw))
     return [np.asarray(a) for a in out]
 
 
+def process(backend: str, logits, params, history, logit_bias=None) -> np.ndarray:
+    """The backend's process_logits(), as numpy."""
+    if backend == "jax":
+        return np.asarray(process_jit(logits, params, history, logit_bias))
+    from mrs.backends.mlx.sampling import process_logits as mlx_process
+
+    return np.asarray(mlx_process(mx.array(np.asarray(logits)), params, mx.array(np.asarray(history, np.int32)),
+                                  **_mlx_kwargs(logit_bias=logit_bias)))
+
+
+def filtered(backend: str, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Top-k, top-p and min-p alone (no penalties, temperature 1): the JAX kernel's
+    `_filter`, or the MLX kernel's process_logits at temperature 1 (x / 1 is exact)."""
+    if backend == "jax":
+        from mrs.backends.jax.sampling import _filter
+
+        return np.asarray(_filter(jnp.asarray(logits), params).logits)
+    params = dataclasses.replace(params, temperature=np.ones_like(params.temperature),
+                                 repeat_penalty=np.ones_like(params.repeat_penalty),
+                                 presence_penalty=np.zeros_like(params.presence_penalty),
+                                 frequency_penalty=np.zeros_like(params.frequency_penalty))
+    return process(backend, logits, params, np.full((len(logits), W), -1, np.int32))
+
+
+@backends
 @SETTINGS
 @given(rows_strategy, inputs_strategy)
-def test_result_is_a_valid_token_with_logprobs_of_the_processed_logits(rows, inputs):
+def test_result_is_a_valid_token_with_logprobs_of_the_processed_logits(backend, rows, inputs):
     params, (logits, history) = make_batch(rows), make_inputs(*inputs)
-    logp = np.asarray(jax.nn.log_softmax(process_jit(logits, params, history), axis=-1))
+    logp = np.asarray(jax.nn.log_softmax(process(backend, logits, params, history), axis=-1))
     for step in range(4):
-        tokens, lp, top_ids, top_lp = run(logits, params, history, [step] * B)
+        tokens, lp, top_ids, top_lp = run(backend, logits, params, history, [step] * B)
         assert tokens.dtype == np.int32 and ((tokens >= 0) & (tokens < V)).all()
         assert np.isfinite(lp).all() and np.isfinite(top_lp).all()
         np.testing.assert_allclose(lp, logp[np.arange(B), tokens], rtol=1e-5, atol=1e-5)
@@ -138,33 +187,36 @@ def test_result_is_a_valid_token_with_logprobs_of_the_processed_logits(rows, inp
         assert (top_ids[:, 0] == logp.argmax(axis=1)).all()
 
 
+@backends
 @SETTINGS
 @given(rows_strategy, inputs_strategy)
-def test_top_k_one_is_argmax(rows, inputs):
+def test_top_k_one_is_argmax(backend, rows, inputs):
     rows = [{**r, "top_k": 1} for r in rows]
     params, (logits, history) = make_batch(rows), make_inputs(*inputs)
     argmax = penalized_ref(logits, params, history).argmax(axis=1)
     for step in range(4):
-        assert (run(logits, params, history, [step] * B)[0] == argmax).all()
+        assert (run(backend, logits, params, history, [step] * B)[0] == argmax).all()
 
 
+@backends
 @SETTINGS
 @given(rows_strategy, inputs_strategy)
-def test_temperature_zero_is_argmax_of_the_penalized_logits(rows, inputs):
+def test_temperature_zero_is_argmax_of_the_penalized_logits(backend, rows, inputs):
     rows = [{**r, "temperature": 0.0} for r in rows]
     params, (logits, history) = make_batch(rows), make_inputs(*inputs)
     argmax = penalized_ref(logits, params, history).argmax(axis=1)
     for step in range(4):
-        assert (run(logits, params, history, [step] * B)[0] == argmax).all()
+        assert (run(backend, logits, params, history, [step] * B)[0] == argmax).all()
 
 
+@backends
 @SETTINGS
 @given(rows_strategy, inputs_strategy)
-def test_tokens_outside_top_k_nucleus_or_min_p_are_never_sampled(rows, inputs):
+def test_tokens_outside_top_k_nucleus_or_min_p_are_never_sampled(backend, rows, inputs):
     params, (logits, history) = make_batch(rows), make_inputs(*inputs)
     y = tempered_ref(logits, params, history)
     for step in range(8):
-        tokens = run(logits, params, history, [step] * B)[0]
+        tokens = run(backend, logits, params, history, [step] * B)[0]
         for r, tok in enumerate(tokens):
             k, top_p = int(field(params, "top_k")[r]), float(field(params, "top_p")[r])
             if k > 0:
@@ -176,11 +228,12 @@ def test_tokens_outside_top_k_nucleus_or_min_p_are_never_sampled(rows, inputs):
             assert ratio >= field(params, "min_p")[r] - 1e-5
 
 
+@backends
 @SETTINGS
 @given(rows_strategy, inputs_strategy)
-def test_processed_logits_equal_transformers_logits_processors(rows, inputs):
+def test_processed_logits_equal_transformers_logits_processors(backend, rows, inputs):
     params, (logits, history) = make_batch(rows), make_inputs(*inputs)
-    ours = np.asarray(process_jit(logits, params, history))
+    ours = process(backend, logits, params, history)
     for r in range(B):
         scores = torch.from_numpy(logits[r:r + 1].copy())
         counts = window_counts(params, history, r)
@@ -209,22 +262,23 @@ def test_processed_logits_equal_transformers_logits_processors(rows, inputs):
         np.testing.assert_allclose(ours[r], expected, rtol=1e-6, atol=1e-6)
 
 
+@backends
 @SETTINGS
 @given(rows_strategy, rows_strategy, inputs_strategy, inputs_strategy, st.integers(0, B - 1))
-def test_changing_one_row_never_changes_another_rows_result(rows, others, inputs, other_inputs,
+def test_changing_one_row_never_changes_another_rows_result(backend, rows, others, inputs, other_inputs,
                                                             j):
     (logits, history), (logits2, history2) = make_inputs(*inputs), make_inputs(*other_inputs)
     steps = np.arange(B) * 3
-    before = run(logits, make_batch(rows), history, steps)
+    before = run(backend, logits, make_batch(rows), history, steps)
     rows[j] = others[j]
     logits[j], history[j], steps[j] = logits2[j], history2[j], 99
-    after = run(logits, make_batch(rows), history, steps)
+    after = run(backend, logits, make_batch(rows), history, steps)
     keep = np.arange(B) != j
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a[keep], b[keep])
 
 
-def stream(params: SamplingParams, slot: int, seed: int, n_steps: int = 12) -> list:
+def stream(backend: str, params: SamplingParams, slot: int, seed: int, n_steps: int = 12) -> list:
     """Tokens of the request in `slot` over `n_steps` steps, the other rows churning."""
     rng, out = np.random.default_rng(seed), []
     for step in range(n_steps):
@@ -233,7 +287,7 @@ def stream(params: SamplingParams, slot: int, seed: int, n_steps: int = 12) -> l
         step_vec[slot] = step
         logits[slot] = make_inputs(step, 3.0, 1)[0][0]
         history[slot] = make_inputs(step, 3.0, 1)[1][0]
-        tokens, lp, _, _ = run(logits, params, history, step_vec)
+        tokens, lp, _, _ = run(backend, logits, params, history, step_vec)
         out.append((int(tokens[slot]), float(lp[slot])))
     return out
 
@@ -241,18 +295,20 @@ def stream(params: SamplingParams, slot: int, seed: int, n_steps: int = 12) -> l
 REQUEST = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 1234}
 
 
-def test_same_seed_gives_the_same_tokens_and_another_seed_does_not():
-    first = stream(make_batch([REQUEST] * B), 0, seed=0)
-    assert stream(make_batch([REQUEST] * B), 0, seed=0) == first
-    assert stream(make_batch([{**REQUEST, "seed": 4321}] * B), 0, seed=0) != first
+@backends
+def test_same_seed_gives_the_same_tokens_and_another_seed_does_not(backend):
+    first = stream(backend, make_batch([REQUEST] * B), 0, seed=0)
+    assert stream(backend, make_batch([REQUEST] * B), 0, seed=0) == first
+    assert stream(backend, make_batch([{**REQUEST, "seed": 4321}] * B), 0, seed=0) != first
 
 
-def test_token_stream_does_not_depend_on_which_requests_share_the_batch():
+@backends
+def test_token_stream_does_not_depend_on_which_requests_share_the_batch(backend):
     request = SamplingParams.make(**REQUEST)
-    alone = stream(request, 0, seed=0)
+    alone = stream(backend, request, 0, seed=0)
     neighbours = make_batch([{**REQUEST, "seed": s, "temperature": 0.7} for s in range(B)])
-    assert stream(neighbours.replace_row(2, request), 2, seed=1) == alone
-    assert stream(neighbours.replace_row(0, request), 0, seed=2) == alone
+    assert stream(backend, neighbours.replace_row(2, request), 2, seed=1) == alone
+    assert stream(backend, neighbours.replace_row(0, request), 0, seed=2) == alone
 
 
 def chi2_sf(stat: float, df: int) -> float:
@@ -286,7 +342,8 @@ def chi2_sf(stat: float, df: int) -> float:
 
 
 def assert_draws_follow_the_filtered_distribution(configs: list[dict], logits: np.ndarray, history: np.ndarray,
-                                                  n: int = 20000, filters: bool = True) -> None:
+                                                  n: int = 20000, filters: bool = True,
+                                                  backend: str = "jax") -> None:
     """Draw n tokens per config (one row per config) and chi-square them against the
     float64 definition of the filtered, renormalised distribution (and, when the
     configs ``filters`` anything, tell it apart from the unfiltered one)."""
@@ -295,7 +352,7 @@ def assert_draws_follow_the_filtered_distribution(configs: list[dict], logits: n
     y = tempered_ref(logits, one, history)
     k = len(configs)
     params = jax.tree.map(lambda a: np.tile(a, (n,) + (1,) * (a.ndim - 1)), one)  # c0, c1, ..
-    tokens = run(np.tile(logits, (n, 1)), params, np.tile(history, (n, 1)), np.repeat(np.arange(n), k))[0]
+    tokens = run(backend, np.tile(logits, (n, 1)), params, np.tile(history, (n, 1)), np.repeat(np.arange(n), k))[0]
     for c, cfg in enumerate(configs):
         expected = n * filtered_probs_ref(y[c], cfg["top_k"], cfg["top_p"], cfg.get("min_p", 0.0))
         counts = np.bincount(tokens[c::k], minlength=vocab)
@@ -308,7 +365,8 @@ def assert_draws_follow_the_filtered_distribution(configs: list[dict], logits: n
             assert chi2_sf((((counts - unfiltered) ** 2) / unfiltered).sum(), vocab - 1) < 1e-6
 
 
-def test_empirical_frequencies_match_the_filtered_renormalised_distribution():
+@backends
+def test_empirical_frequencies_match_the_filtered_renormalised_distribution(backend):
     for x in (0.5, 3.0, 40.0, 3000.0):  # closed forms for df = 2 and 4
         assert math.isclose(chi2_sf(x, 2), math.exp(-x / 2), rel_tol=1e-9)
         assert math.isclose(chi2_sf(x, 4), math.exp(-x / 2) * (1 + x / 2), rel_tol=1e-9)
@@ -319,10 +377,11 @@ def test_empirical_frequencies_match_the_filtered_renormalised_distribution():
     ]
     logits, history = make_inputs(0, 2.0, 1)
     assert_draws_follow_the_filtered_distribution(configs, np.repeat(logits, 2, axis=0),
-                                                  np.repeat(history, 2, axis=0))
+                                                  np.repeat(history, 2, axis=0), backend=backend)
 
 
-def test_draws_over_a_vocabulary_wider_than_the_candidates_follow_the_distribution():
+@backends
+def test_draws_over_a_vocabulary_wider_than_the_candidates_follow_the_distribution(backend):
     """Rows whose support lies among the candidates draw among them; the others (a
     min-p-only row, a top-k above the candidates) draw over the whole vocabulary."""
     from mrs.sampling import CANDIDATES
@@ -335,7 +394,7 @@ def test_draws_over_a_vocabulary_wider_than_the_candidates_follow_the_distributi
         {"temperature": 1.0, "top_k": CANDIDATES + 20, "top_p": 1.0, "min_p": 0.02, "seed": 3},  # sorted
     ]
     logits = np.stack([normal * 3, normal * 2, normal * 1.5]).astype(np.float32)
-    assert_draws_follow_the_filtered_distribution(configs, logits, np.full((3, W), -1, np.int32))
+    assert_draws_follow_the_filtered_distribution(configs, logits, np.full((3, W), -1, np.int32), backend=backend)
 
 
 @contextlib.contextmanager
@@ -358,7 +417,7 @@ def test_changing_parameter_values_after_warm_up_triggers_no_compilation():
     logits, history = make_inputs(0, 2.0)
     bias = np.zeros((B, V), np.float32)
     params = make_batch([{}] * B)
-    run(logits, params.replace_row(0, SamplingParams.make()), history, [0] * B, logit_bias=bias)
+    run("jax", logits, params.replace_row(0, SamplingParams.make()), history, [0] * B, logit_bias=bias)
     variants = [
         {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 1.0, "seed": 2**63},
         {"temperature": 1e-3, "top_k": 1, "top_p": 0.01, "repeat_penalty": 10.0,
@@ -372,12 +431,13 @@ def test_changing_parameter_values_after_warm_up_triggers_no_compilation():
             params = params.replace_row(i % B, SamplingParams.make(**v))
             bias[i % B, i] = -np.inf if i % 2 else 3.0
             logits, history = make_inputs(i, 1.0 + i)
-            run(logits, params, history, [i] * B, logit_bias=bias)
-            run(logits, make_batch([v] * B), history, np.arange(B) + i, logit_bias=bias)
+            run("jax", logits, params, history, [i] * B, logit_bias=bias)
+            run("jax", logits, make_batch([v] * B), history, np.arange(B) + i, logit_bias=bias)
     assert compiled == []
 
 
-def test_penalties_count_only_the_last_repeat_last_n_tokens():
+@backends
+def test_penalties_count_only_the_last_repeat_last_n_tokens(backend):
     history = np.full((B, W), -1, np.int32)
     history[:, -5:] = [3, 9, 9, 3, 5]  # most recent last
     logits = np.zeros((B, V), np.float32)
@@ -385,7 +445,7 @@ def test_penalties_count_only_the_last_repeat_last_n_tokens():
     base = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 2.0,
             "presence_penalty": 0.5, "frequency_penalty": 0.25}
     params = make_batch([{**base, "repeat_last_n": n} for n in (2, 0, -1, 64)])
-    out = np.asarray(process_jit(logits, params, history))
+    out = process(backend, logits, params, history)
     # last 2 = [3, 5]: 3 -> 2/2 - 0.25 - 0.5, 5 -> -2*2 - 0.25 - 0.5; 9 untouched
     assert out[0, [3, 5, 9]].tolist() == [0.25, -4.75, 4.0]
     assert out[1, [3, 5, 9]].tolist() == [2.0, -2.0, 4.0]  # 0: no penalty at all
@@ -394,26 +454,28 @@ def test_penalties_count_only_the_last_repeat_last_n_tokens():
     assert (out[:, 10:] == 0).all()
 
 
-def test_logit_bias_is_added_before_the_penalties_and_can_ban_a_token():
+@backends
+def test_logit_bias_is_added_before_the_penalties_and_can_ban_a_token(backend):
     logits, history = np.zeros((B, V), np.float32), np.full((B, W), -1, np.int32)
     logits[:, 7], history[:, -1] = -1.0, 7
     bias = np.zeros((B, V), np.float32)
     bias[:, 7] = 4.0
     rows = [{"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repeat_penalty": 2.0}] * B
-    out = np.asarray(process_jit(logits, make_batch(rows), history, bias))
+    out = process(backend, logits, make_batch(rows), history, bias)
     assert out[0, 7] == 1.5  # (-1 + 4) / 2, not -1 * 2 + 4
     bias[:, :] = 0.0
     bias[:, :V // 2] = -np.inf
     params = make_batch([{"temperature": 2.0, "top_k": 0, "top_p": 1.0, "seed": s}
                          for s in range(B)])
     for step in range(10):
-        assert (run(logits, params, history, [step] * B, logit_bias=bias)[0] >= V // 2).all()
+        assert (run(backend, logits, params, history, [step] * B, logit_bias=bias)[0] >= V // 2).all()
 
 
-def test_top_logprobs_outside_the_filtered_support_are_a_large_finite_negative():
+@backends
+def test_top_logprobs_outside_the_filtered_support_are_a_large_finite_negative(backend):
     logits, history = make_inputs(3, 2.0)
     params = make_batch([{"top_k": 2, "top_p": 1.0, "seed": s} for s in range(B)])
-    _, _, top_ids, top_lp = run(logits, params, history, [0] * B)
+    _, _, top_ids, top_lp = run(backend, logits, params, history, [0] * B)
     assert (top_lp[:, 2:] == np.float32(FILTERED_LOGPROB)).all()
     assert np.isfinite(top_lp).all() and (top_lp[:, :2] > -100).all()
     assert all(len(set(r)) == NUM_TOP for r in top_ids.tolist())
@@ -500,6 +562,27 @@ def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
     check([(CANDIDATES + 36, 1.0, 0.0, 3), (40, 0.9, 0.0, 3)], [False, True])
     check([(0, 0.9, 0.0, 1), (0, 0.9, 0.0, 12)], [False, True])
 
+
+@backends
+def test_each_filter_path_keeps_the_definitions_support(backend):
+    """Rows of every path (candidates, full sort, min-p alone) in one batch of 1000 tokens."""
+    from mrs.sampling import CANDIDATES
+
+    vocab = 1000
+    normal = np.random.default_rng(3).standard_normal(vocab)
+    cases = [(40, 0.9, 0.0, 3), (1, 0.5, 0.0, 3), (CANDIDATES, 0.95, 0.05, 3), (0, 1.0, 0.1, 3),
+             (7, 1.0, 0.0, 3), (0, 0.9, 0.0, 12), (vocab + 5, 0.8, 0.0, 12), (CANDIDATES + 36, 1.0, 0.0, 3),
+             (CANDIDATES + 36, 0.7, 0.02, 3), (0, 0.9, 0.0, 1), (0, 1.0, 0.0, 1)]
+    logits = np.stack([normal * scale for *_, scale in cases]).astype(np.float32)
+    params = SamplingParams.stack([SamplingParams.make(top_k=k, top_p=p, min_p=m, seed=0) for k, p, m, _ in cases])
+    z = filtered(backend, logits, params)
+    for r, (k, p, m, _) in enumerate(cases):
+        support = filtered_probs_ref(logits[r], k, p, m) > 0
+        np.testing.assert_array_equal(np.isfinite(z[r]), support, err_msg=f"row {r}: {cases[r]}")
+        np.testing.assert_array_equal(z[r][support], logits[r][support])
+
+
+@backends
 @SETTINGS
 @given(st.lists(st.fixed_dictionaries({
     "top_k": st.one_of(st.just(0), st.integers(1, 4 * V + 10)),
@@ -507,14 +590,14 @@ def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
     "min_p": st.one_of(st.just(0.0), st.floats(1e-3, 0.5)),
     "scale": st.sampled_from([0.5, 3.0, 12.0]),
 }), min_size=B, max_size=B), st.integers(0, 2**32 - 1))
-def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_support(rows, seed):
-    from mrs.backends.jax.sampling import CANDIDATES, _filter
+def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_support(backend, rows, seed):
+    from mrs.sampling import CANDIDATES
 
     vocab = 4 * CANDIDATES
     normal = np.random.default_rng(seed).standard_normal((B, vocab))
     logits = (normal * np.array([r["scale"] for r in rows])[:, None]).astype(np.float32)
     params = make_batch([{"top_k": r["top_k"], "top_p": r["top_p"], "min_p": r["min_p"]} for r in rows])
-    z = np.asarray(_filter(jnp.asarray(logits), params).logits)
+    z = filtered(backend, logits, params)
     for r, row in enumerate(rows):
         y = logits[r].astype(np.float64)
         kept = y if not 0 < row["top_k"] < vocab else np.where(y >= np.sort(y)[::-1][row["top_k"] - 1], y, -np.inf)
@@ -527,30 +610,36 @@ def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_
         np.testing.assert_array_equal(np.isfinite(z[r]), support > 0)
 
 
-def test_ties_at_a_cut_reach_past_the_candidates_and_are_drawn():
+@backends
+def test_ties_at_a_cut_reach_past_the_candidates_and_are_drawn(backend):
     """A cut keeps every token tied with it (as HF's warpers do), also outside the
     candidates; a nucleus then counts their mass, and the draw covers them."""
     from mrs.backends.jax.sampling import CANDIDATES, _filter
 
     vocab = 4 * CANDIDATES
     tied = np.array([3.0] * 5 + [0.0] * (vocab - 5), np.float32)   # 5 likely tokens, then a tie
-    cases = [(40, 1.0), (40, 0.5), (0, 0.997), (0, 0.25)]         # (top_k, top_p)
+    cases = [(40, 1.0), (40, 0.5), (0, 0.997), (0, 0.25), (40, 0.2), (2, 0.9)]  # (top_k, top_p)
     params = SamplingParams.stack([SamplingParams.make(top_k=k, top_p=p, min_p=0.0) for k, p in cases])
-    z, top_ids, within = (np.asarray(a) for a in _filter(jnp.asarray(np.stack([tied] * len(cases))), params))
+    z = filtered(backend, np.stack([tied] * len(cases)), params)
     for r, (k, p) in enumerate(cases):
         support = filtered_probs_ref(tied, k, p, 0.0) > 0
         np.testing.assert_array_equal(np.isfinite(z[r]), support, err_msg=f"top_k={k}, top_p={p}")
-        assert within[r] == (set(np.flatnonzero(support)) <= set(top_ids[r]))
-    assert list(within) == [False, False, False, True]
+    if backend == "jax":
+        _, top_ids, within = (np.asarray(a) for a in _filter(jnp.asarray(np.stack([tied] * len(cases))), params))
+        for r, (k, p) in enumerate(cases):
+            support = filtered_probs_ref(tied, k, p, 0.0) > 0
+            assert within[r] == (set(np.flatnonzero(support)) <= set(top_ids[r]))
+        assert list(within) == [False, False, False, True, True, True]
     assert_draws_follow_the_filtered_distribution([{"temperature": 1.0, "top_k": 40, "top_p": 1.0, "seed": 4}],
-                                                  tied[None], np.full((1, W), -1, np.int32), filters=False)
+                                                  tied[None], np.full((1, W), -1, np.int32), filters=False,
+                                                  backend=backend)
 
 
 def test_sampling_runs_with_64_bit_jax_types():
     logits, history = make_inputs(0, 2.0)
     params = make_batch([{"temperature": t, "seed": 1} for t in (0.0, 0.8, 1.5, 0.0)])
     with jax.enable_x64(True):
-        tokens, logprobs, *_ = run(logits, params, history, np.zeros(B))
+        tokens, logprobs, *_ = run("jax", logits, params, history, np.zeros(B))
     assert tokens.dtype == np.int32 and np.isfinite(logprobs).all()
 
 
@@ -599,3 +688,82 @@ def test_first_argmax_is_numpys_argmax_ties_and_masked_rows_included():
     wide = np.random.default_rng(0).standard_normal((3, 262144)).astype(np.float32)
     wide[1, [7, 9000]] = 50.0                       # a tie far apart: the first wins
     np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(wide))), wide.argmax(axis=1))
+
+
+@backends
+@SETTINGS
+@given(st.lists(st.fixed_dictionaries({
+    "temperature": st.one_of(st.just(0.0), st.floats(0.05, 3.0)),
+    "top_k": st.one_of(st.just(0), st.integers(1, 4 * V + 10)),
+    "top_p": st.one_of(st.just(1.0), st.floats(0.05, 1.0)),
+    "min_p": st.one_of(st.just(0.0), st.floats(1e-3, 0.5)),
+    "seed": st.integers(0, 2**64 - 1),
+}), min_size=2 * B, max_size=2 * B), st.integers(0, 2**32 - 1), st.integers(0, B - 1))
+def test_a_rows_result_over_a_wide_vocabulary_does_not_depend_on_its_neighbours(backend, rows, seed, j):
+    """Over a vocabulary wider than the candidates, rows take different filter paths (the
+    candidates, the sorted vocabulary, min-p alone); a row's path and result are its own."""
+    from mrs.sampling import CANDIDATES
+
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((B, 4 * CANDIDATES)) * rng.choice([0.5, 3.0, 12.0], (B, 1))).astype(np.float32)
+    history = np.full((B, W), -1, np.int32)
+    before = run(backend, logits, make_batch(rows[:B]), history, np.arange(B))
+    changed = [rows[B + r] if r != j else rows[r] for r in range(B)]
+    others = rng.standard_normal(logits.shape).astype(np.float32) * 3
+    others[j] = logits[j]
+    after = run(backend, others, make_batch(changed), history, np.where(np.arange(B) == j, j, 77))
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a[j], b[j])
+
+
+@pytest.mark.skipif(mx is None, reason="mlx is not installed")
+def test_mlx_sample_compiles_nothing_and_holds_no_memory_across_changing_values(monkeypatch):
+    """The MLX kernel builds a fresh lazy graph per call: new parameter values, steps and
+    masks compile nothing (mx.compile is never called) and leave nothing behind."""
+    from mrs.backends.mlx import sampling
+
+    compiled = []
+    monkeypatch.setattr(mx, "compile", lambda *a, **k: compiled.append(a) or a[0])
+    variants = [
+        {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 1.0, "seed": 2**63},
+        {"temperature": 1e-3, "top_k": 1, "top_p": 0.01, "repeat_penalty": 10.0,
+         "repeat_last_n": -1, "presence_penalty": 2.0, "frequency_penalty": -2.0},
+        {"temperature": 5.0, "top_k": 2**31 - 1, "top_p": 0.5, "min_p": 0.2,
+         "repeat_penalty": 0.1, "repeat_last_n": 0, "seed": 0},
+        {"temperature": 1, "top_k": V + 1, "repeat_last_n": 2**40, "seed": -5},
+    ]
+
+    def step(i, v):
+        logits, history = make_inputs(i, 1.0 + i)
+        bias = np.zeros((B, V), np.float32)
+        bias[i % B, i] = -np.inf if i % 2 else 3.0
+        out = sampling.sample(mx.array(logits), make_batch([v] * B), mx.array(history),
+                              np.arange(B, dtype=np.int32) + i, num_top=NUM_TOP, logit_bias=mx.array(bias),
+                              allowed=mx.array(bias > -np.inf))
+        mx.eval(*out)
+        assert np.isfinite(np.array(out.logprobs)).all()
+
+    step(0, {})
+    gc.collect()
+    baseline = mx.get_active_memory()
+    for _ in range(3):
+        for i, v in enumerate(variants):
+            step(i, v)
+    gc.collect()
+    assert compiled == [] and mx.get_active_memory() <= baseline
+
+
+@pytest.mark.skipif(mx is None, reason="mlx is not installed")
+def test_mlx_first_argmax_and_num_top_validation():
+    from mrs.backends.mlx.sampling import first_argmax, sample
+
+    rows = np.array([[1.0, 3.0, 3.0, 0.0], [-np.inf] * 4, [2.0, np.nan, 5.0, 5.0], [0.0, 0.0, 0.0, 7.0]], np.float32)
+    got = np.array(first_argmax(mx.array(rows)))
+    assert got.dtype == np.int32 and got[0] == 1 and got[1] == 0 and got[3] == 3 and 0 <= got[2] < 4
+    wide = np.random.default_rng(0).standard_normal((3, 262144)).astype(np.float32)
+    wide[1, [7, 9000]] = 50.0                       # a tie far apart: the first wins
+    np.testing.assert_array_equal(np.array(first_argmax(mx.array(wide))), wide.argmax(axis=1))
+    logits, history = make_inputs(0, 1.0)
+    for bad in (-1, 21):
+        with pytest.raises(InvalidParameterError):
+            sample(mx.array(logits), make_batch([{}] * B), mx.array(history), np.zeros(B, np.int32), num_top=bad)
