@@ -112,6 +112,9 @@ def test_the_import_checks_see_a_circle_and_a_jax_import(tmp_path, monkeypatch):
     (fake / "a.py").write_text("from mrs import b\n")
     (fake / "b.py").write_text("def f():\n    from mrs.a import x\n")
     (fake / "engine" / "loop.py").write_text("import jax.numpy as jnp\n")
+    (fake / "mlx").mkdir()
+    (fake / "mlx" / "__init__.py").write_text("")
+    (fake / "mlx" / "llama.py").write_text("def f():\n    from mrs.archs.layers import Linear\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     try:
         test_the_package_has_no_import_circle()
@@ -125,3 +128,9 @@ def test_the_import_checks_see_a_circle_and_a_jax_import(tmp_path, monkeypatch):
         assert "mrs.engine.loop imports jax.numpy" in str(e)
     else:
         raise AssertionError("a jax import above the seam went unseen")
+    try:
+        test_the_backends_stand_apart_mlx_code_never_imports_jax_and_jax_code_never_imports_mlx()
+    except AssertionError as e:
+        assert "mrs.mlx.llama imports mrs.archs.layers" in str(e)
+    else:
+        raise AssertionError("MLX code importing the JAX layers went unseen")
