@@ -13,7 +13,7 @@ import mrs
 mx = pytest.importorskip("mlx.core")
 
 DECODERS = ["llama", "llama3", "llama-linear", "llama-dynamic", "mistral", "granite", "qwen2", "qwen3",
-            "llama-sharded", "gemma", "gemma2", "gemma3", "phi", "phi3"]
+            "llama-sharded", "gemma", "gemma2", "gemma3", "phi", "phi3", "mamba"]
 LOGITS_TOLERANCE = 1e-4
 NEW_TOKENS = 64
 
@@ -39,7 +39,10 @@ def test_logits_match_transformers_and_the_jax_backend(loaded, name):
     ours = model.logits(golden["logits_ids"])
     np.testing.assert_allclose(ours, golden["logits"], atol=LOGITS_TOLERANCE, rtol=0)
     jax_model, _ = loaded(name, "cpu")
-    np.testing.assert_allclose(ours, jax_model.logits(golden["logits_ids"]), atol=LOGITS_TOLERANCE, rtol=0)
+    # Each backend is within 1e-4 of transformers; Mamba's two scans (a chunked closed form
+    # here, a recurrence in JAX) round apart by up to 1.03e-4 on this fixture.
+    between = 1.5 * LOGITS_TOLERANCE if name == "mamba" else LOGITS_TOLERANCE
+    np.testing.assert_allclose(ours, jax_model.logits(golden["logits_ids"]), atol=between, rtol=0)
 
 
 def test_phi3_long_prompt_uses_the_long_rope_factors(loaded):
@@ -166,13 +169,15 @@ def test_a_chat_session_on_mlx_reuses_its_cache_and_replies_as_on_jax(loaded):
     assert replies["mlx"] == replies["cpu"]
 
 
-def test_the_continuous_batcher_on_mlx_gives_each_request_its_solo_greedy_tokens(loaded):
+@pytest.mark.parametrize("name", ["llama", "mamba"])
+def test_the_continuous_batcher_on_mlx_gives_each_request_its_solo_greedy_tokens(loaded, name):
+    """Slots of a KV cache and of Mamba's state cleared and refilled as requests come and go."""
     import threading
 
     from mrs.engine.batcher import Batcher, Request
     from mrs.sampling import SamplingParams
 
-    model, golden = loaded("llama")
+    model, golden = loaded(name)
     prompts = [golden[f"prompt_{i}"][0].tolist() for i in range(3)] + [golden["prompt_0"][0].tolist()[:5]]
     solo = [mrs.generate(model, p, max_tokens=10, temperature=0, ignore_eos=True).token_ids for p in prompts]
     batcher = Batcher(model, slots=2, max_len=128).start()
