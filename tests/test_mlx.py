@@ -39,10 +39,7 @@ def test_logits_match_transformers_and_the_jax_backend(loaded, name):
     ours = model.logits(golden["logits_ids"])
     np.testing.assert_allclose(ours, golden["logits"], atol=LOGITS_TOLERANCE, rtol=0)
     jax_model, _ = loaded(name, "cpu")
-    # Each backend is within 1e-4 of transformers; Mamba's two scans (a chunked closed form
-    # here, a recurrence in JAX) round apart by up to 1.03e-4 on this fixture.
-    between = 1.5 * LOGITS_TOLERANCE if name == "mamba" else LOGITS_TOLERANCE
-    np.testing.assert_allclose(ours, jax_model.logits(golden["logits_ids"]), atol=between, rtol=0)
+    np.testing.assert_allclose(ours, jax_model.logits(golden["logits_ids"]), atol=LOGITS_TOLERANCE, rtol=0)
 
 
 def test_phi3_long_prompt_uses_the_long_rope_factors(loaded):

@@ -1,12 +1,17 @@
 """Mamba-1 (``mamba``) in MLX: the mirror of mrs/archs/mamba.py, on the same config and
 checkpoint map (mrs/families/mamba.py) and the same parameter names and shapes.
 
-Each block is ``x + mixer(rmsnorm(x))``: in_proj to (x, z), a causal depthwise
-convolution carrying its last inputs, SiLU, (dt, B, C) from ``x_proj``, dt through
-``dt_proj`` + softplus, the selective scan (mrs/mlx/scan.py: chunks solved in closed
-form, not a loop over time) with the D skip and the SiLU(z) gate, then ``out_proj``.
-Padding steps (positions -1) get dt = 0, the identity on the state; a row whose step
-starts at position 0 starts from zero state.
+Each block is ``x + mixer(rmsnorm(x))``; the mixer projects to (x, z), runs x through
+a causal depthwise convolution and SiLU, derives (dt, B, C) with ``x_proj``,
+discretises dt with ``dt_proj`` + softplus, runs the selective scan (mrs/mlx/scan.py)
+with the D skip and the SiLU(z) gate, and projects back with ``out_proj``. The per-slot
+state (the convolution's last inputs and the SSM state) lives in an ``SSMCache``
+(mrs/mlx/cache.py), so a prompt is one chunked scan and a decode step one update.
+
+Right-padded batches: padding steps (positions -1) get dt = 0, which leaves the SSM
+state untouched, and the convolution state keeps each row's last *valid* inputs.
+Positions are host data here, so which rows are fresh or padded is known before any
+op is built, and a step with none builds no masks.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from mrs.mlx.scan import selective_scan
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal convolution over time; weight [E, 1, K] as torch's Conv1d(groups=E)."""
+    """Depthwise causal convolution over time that carries its last K-1 inputs as state.
+
+    weight [E, 1, K] as torch's Conv1d(groups=E) stores it.
+    """
 
     def __init__(self, channels: int, kernel: int, *, bias: bool, dtype: Any):
         super().__init__()
@@ -34,22 +42,28 @@ class CausalConv1d(nn.Module):
         self.has_bias = bias
 
     def __call__(self, x: mx.array, state: mx.array, valid: np.ndarray) -> tuple[mx.array, mx.array]:
-        """x [B, T, E], state [B, K-1, E], valid [B] (host: non-padding steps) -> (y, new state)."""
-        steps, kernel = x.shape[1], self.weight.shape[-1]
-        xs = mx.concatenate([state.astype(x.dtype), x], axis=1)                   # [B, K-1+T, E]
-        w = self.weight[:, 0, :]                                                  # [E, K]
+        """x [B, T, E], state [B, K-1, E], valid [B] (host: non-padding steps) -> (y [B, T, E], new state)."""
+        steps = x.shape[1]
+        kernel = self.weight.shape[-1]
+        xs = mx.concatenate([state.astype(x.dtype), x], axis=1)                 # [B, K-1+T, E]
+        w = self.weight[:, 0, :]                                                 # [E, K]
         y = sum(xs[:, k:k + steps] * w[:, k] for k in range(kernel))
         if self.has_bias:
             y = y + self.bias
-        index = mx.array((valid[:, None] + np.arange(kernel - 1)[None, :]).astype(np.int32))   # [B, K-1]
-        return y, mx.take_along_axis(xs, index[:, :, None], axis=1).astype(state.dtype)
+        if (valid == steps).all():                                               # no padding: the last K-1
+            new_state = xs[:, steps:]
+        else:
+            index = mx.array((valid[:, None] + np.arange(kernel - 1)[None, :]).astype(np.int32))   # [B, K-1]
+            new_state = mx.take_along_axis(xs, index[:, :, None], axis=1)
+        return y, new_state.astype(state.dtype)
 
 
 class MambaMixer(nn.Module):
     def __init__(self, cfg: MambaConfig, dtype: Any):
         super().__init__()
         D, E, N, R = cfg.hidden_size, cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
-        self.in_proj = Linear(D, (2, E), bias=cfg.use_bias, dtype=dtype)         # x and z: [2, E, D]
+        # in_proj [2, E, D]: x and z keep the inner axis whole (the checkpoint's [2E, D] splits at load)
+        self.in_proj = Linear(D, (2, E), bias=cfg.use_bias, dtype=dtype)
         self.conv1d = CausalConv1d(E, cfg.conv_kernel, bias=cfg.use_conv_bias, dtype=dtype)
         self.x_proj = Linear(E, R + 2 * N, bias=False, dtype=dtype)
         self.dt_proj = Linear(R, E, bias=True, dtype=dtype)
@@ -59,18 +73,17 @@ class MambaMixer(nn.Module):
         self.act = activation(cfg.hidden_act)
         self.rank, self.state_size = R, N
 
-    def __call__(self, x, valid: mx.array, lengths: np.ndarray, conv_state, ssm_state):
-        """x [B, T, D], valid [B, T] bool, lengths [B] valid steps (host) -> (out, conv_state, ssm_state)."""
+    def __call__(self, x, valid, conv_state, ssm_state):
+        """x [B, T, D], valid [B, T] (host bool) -> (out [B, T, D], conv_state, ssm_state)."""
         xz = self.in_proj(x)                                                      # [B, T, 2, E]
         hidden, gate = xz[..., 0, :], xz[..., 1, :]
-        hidden, conv_state = self.conv1d(hidden, conv_state, lengths)
+        hidden, conv_state = self.conv1d(hidden, conv_state, valid.sum(axis=1))
         hidden = self.act(hidden)
-        proj = self.x_proj(hidden)
-        dt, B, C = proj[..., :self.rank], proj[..., self.rank:self.rank + self.state_size], \
-            proj[..., self.rank + self.state_size:]
+        dt, B, C = mx.split(self.x_proj(hidden), [self.rank, self.rank + self.state_size], axis=-1)
         dt = nn.softplus(self.dt_proj(dt).astype(mx.float32))                    # [B, T, E]
-        dt = mx.where(valid[..., None], dt, 0.0)                                  # padding: identity step
-        A = -mx.exp(self.A_log.astype(mx.float32))                                # [E, N]
+        if not valid.all():
+            dt = mx.where(mx.array(valid)[..., None], dt, 0.0)                   # padding: identity step
+        A = -mx.exp(self.A_log.astype(mx.float32))                               # [E, N]
         y, ssm_state = selective_scan(hidden, dt, A, B, C, self.D, gate, ssm_state)
         return self.out_proj(y.astype(x.dtype)), conv_state, ssm_state
 
@@ -82,9 +95,8 @@ class MambaBlock(nn.Module):
         self.mixer = MambaMixer(cfg, dtype)
         self.dtype = dtype
 
-    def __call__(self, x, valid, lengths, conv_state, ssm_state):
-        out, conv_state, ssm_state = self.mixer(self.norm(x.astype(self.dtype)), valid, lengths, conv_state,
-                                                ssm_state)
+    def __call__(self, x, valid, conv_state, ssm_state):
+        out, conv_state, ssm_state = self.mixer(self.norm(x.astype(self.dtype)), valid, conv_state, ssm_state)
         return x + out, conv_state, ssm_state
 
 
@@ -97,7 +109,11 @@ class MambaBody(nn.Module):
 
 
 class MambaForCausalLM(nn.Module):
-    """``model(tokens, positions, cache) -> (logits, cache)``; host positions -1 mark padding."""
+    """``model(tokens, positions, cache) -> (logits, cache)``; host positions -1 mark padding.
+
+    Positions matter only as validity and as the fresh-start signal (a row whose
+    step begins at position 0 starts from zero state); the model has no position code.
+    """
 
     def __init__(self, cfg: MambaConfig, dtype: Any = mx.float32):
         super().__init__()
@@ -105,29 +121,33 @@ class MambaForCausalLM(nn.Module):
         self.backbone = MambaBody(cfg, dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
-        self.dtype = dtype
 
     def __call__(self, tokens: mx.array, positions: np.ndarray, cache: SSMCache, *, last_only: bool = False):
-        valid_host = positions >= 0                                               # [B, T]
-        valid, lengths = mx.array(valid_host), valid_host.sum(axis=1).astype(np.int32)
-        fresh = mx.array(positions[:, 0] == 0)[:, None, None]                     # [B, 1, 1]
-        x = self.backbone.embeddings(tokens)                                      # [B, T, D]
-        if self.config.residual_in_fp32:
+        cfg = self.config
+        positions = np.asarray(positions)
+        valid = positions >= 0                                                   # [B, T] (host)
+        fresh = positions[:, 0] == 0                                             # [B]
+        keep = None if not fresh.any() or fresh.all() else mx.array(~fresh)[:, None, None]
+        x = self.backbone.embeddings(tokens)                                     # [B, T, D]
+        if cfg.residual_in_fp32:
             x = x.astype(mx.float32)
         for i, layer in enumerate(self.backbone.layers):
-            conv_in = mx.where(fresh, 0.0, cache.conv[i]).astype(cache.conv[i].dtype)
-            ssm_in = mx.where(fresh, 0.0, cache.ssm[i])
-            x, cache.conv[i], cache.ssm[i] = layer(x, valid, lengths, conv_in, ssm_in)
+            conv_in, ssm_in = cache.conv[i], cache.ssm[i]
+            if fresh.all():
+                conv_in, ssm_in = mx.zeros_like(conv_in), mx.zeros_like(ssm_in)
+            elif keep is not None:
+                conv_in, ssm_in = mx.where(keep, conv_in, 0), mx.where(keep, ssm_in, 0)
+            x, cache.conv[i], cache.ssm[i] = layer(x, valid, conv_in, ssm_in)
         cache.lengths = advance(cache.lengths, positions)
         x = self.backbone.norm_f(x)
         if last_only:
             x = last_valid(x, positions)
-        x = x.astype(self.dtype)                      # the compute dtype (the head may be quantized)
+        x = x.astype(self.backbone.norm_f.weight.dtype)          # the compute dtype (the head may be quantized)
         logits = self.lm_head(x) if "lm_head" in self else self.backbone.embeddings.attend(x)
         return logits, cache
 
     @staticmethod
     def init_cache(cfg: MambaConfig, slots: int, max_len: int, dtype: Any) -> SSMCache:
-        """Constant-size state; ``max_len`` is only recorded."""
+        """Constant-size state; ``max_len`` is only recorded (see ``SSMCache.init``)."""
         return SSMCache.init(cfg.num_hidden_layers, slots, cfg.conv_kernel, cfg.intermediate_size,
                              cfg.state_size, dtype, max_len)
