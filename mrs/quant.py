@@ -22,8 +22,9 @@ F16, BF16) has no lossless form here and is dequantized to dense (``GGUF_FORMATS
 
 from __future__ import annotations
 
+
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,6 +64,14 @@ class QuantFormat:
         if k % 32 or k % self.group_size:
             raise UnsupportedModelError(f"a quantized matrix needs inputs in whole groups of 32 and of "
                                         f"{self.group_size}; this one has {k}")
+
+    def fitting(self, k: int) -> QuantFormat | None:
+        """This format for a matrix of ``k`` inputs, or its 32-wide-group twin where ``k`` is
+        not whole groups of it, or None where neither fits (the matrix stays dense)."""
+        for group in (self.group_size, 32):
+            if k % group == 0 and k % 32 == 0:
+                return replace(self, group_size=group)
+        return None
 
     def covering(self, other: QuantFormat) -> QuantFormat:
         """The narrowest format both convert into without loss (more bits, smaller groups)."""

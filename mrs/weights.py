@@ -66,6 +66,20 @@ class Fused:
     parts: tuple[tuple[str, tuple[int, ...]], ...]
 
 
+def dense_param_count(spec: Mapping[str, Spec], formats: Mapping[str, Any]) -> int:
+    """Parameters as the dense model counts them: a quantized module's (``formats``: module
+    path -> mrs.quant.QuantFormat) packed weight counts its codes, its scales and biases nothing."""
+    total = 0
+    for name, want in spec.items():
+        module, _, leaf = name.rpartition(".")
+        fmt = formats.get(module)
+        if fmt is not None and leaf == "weight":
+            total += prod(want.shape) * 32 // fmt.bits
+        elif fmt is None or leaf not in ("scales", "biases"):
+            total += prod(want.shape)
+    return total
+
+
 def is_stored_as_is(spec: Spec) -> bool:
     """Integer and bool tensors (token types, packed codes) and ``keep_dtype`` ones keep
     their dtype; other floats are cast to the compute dtype."""

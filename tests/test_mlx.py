@@ -218,3 +218,16 @@ def test_the_real_gemma3_gguf_runs_quantized_on_mlx_as_on_jax():
     assert done.token_ids == whole[len(ids) - 1:-1].argmax(-1).tolist()
     on_jax = mrs.load(gguf, dtype="float32", device="cpu")
     np.testing.assert_allclose(whole, on_jax.logits(ids + done.token_ids)[0], atol=2e-3, rtol=0)
+
+
+def test_the_mlx_loader_refuses_formats_its_kernels_lack_and_mrs_load_never_sends_them(fixture_path):
+    from mrs import families
+    from mrs.backends import backend
+    from mrs.errors import MrsError
+    from mrs.quant import QuantFormat
+
+    path = fixture_path("llama")
+    family, config = families.resolve(__import__("json").loads((path / "config.json").read_text()))
+    with pytest.raises(MrsError, match="cannot run these quantized formats"):
+        backend("mlx").load(path, family, config, quantized={"model.layers.0.mlp.down_proj": QuantFormat(8, 16)})
+    assert backend("mlx").runs_format(QuantFormat(4, 32)) and not backend("mlx").runs_format(QuantFormat(8, 16))

@@ -9,7 +9,8 @@ small protocol below, never jax or mlx. A backend implements it once:
   path -> mrs.quant.QuantFormat of tensors that arrive packed) and ``quantize=`` (a format
   for dense projections at load) where the backend runs quantized weights;
 - optionally ``quantized_kernel(device)`` (the kernel's name, or None where quantized
-  weights must be dequantized) and ``quantized_kernel_reason(device)`` (why not);
+  weights must be dequantized), ``quantized_kernel_reason(device)`` (why not) and
+  ``runs_format(fmt)`` (False for formats its kernels lack: mrs.load reads those dense);
 - ``Runner``: new caches (opaque pytrees with per-slot lengths), whole-sequence logits,
   pooled encoder states, and ``steps(num_top)``;
 - ``Steps``: prefill into a batch or into one cache slot, and decode, each returning a

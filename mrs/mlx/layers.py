@@ -215,6 +215,11 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 # --- attention over the cache ------------------------------------------------------
 
+# What a hidden score adds in each dtype: finite (a row with nothing visible, padding, stays
+# a uniform softmax instead of NaN) and far below any real score.
+_HIDDEN = {mx.float32: float(np.finfo(np.float32).min), mx.float16: -1e4}
+
+
 class StepPositions:
     """What every attention layer of one step needs from its positions [B, T] (host):
     where each new key goes in the cache and which cache entries each query sees.
@@ -241,9 +246,8 @@ class StepPositions:
             seen = (s <= p) & (p >= 0) & (s < self.max_len)
             if window is not None:
                 seen &= s > p - window
-            lowest = float(np.finfo(np.float32).min) if dtype == mx.float32 else -1e4 if dtype == mx.float16 \
-                else -1e30
-            self._masks[key] = mx.array(np.where(seen, 0.0, lowest)[:, None], dtype=dtype)
+            hidden = _HIDDEN.get(dtype, -1e30)                                    # bfloat16: -1e30
+            self._masks[key] = mx.array(np.where(seen, 0.0, hidden)[:, None], dtype=dtype)
         return self._masks[key]
 
 

@@ -30,7 +30,7 @@ from mrs.engine.shapes import step_positions
 from mrs.errors import InvalidParameterError, MrsError
 from mrs.families import Family
 from mrs.quant import QuantFormat
-from mrs.weights import ParamSpec, is_stored_as_is, load_params
+from mrs.weights import ParamSpec, dense_param_count, is_stored_as_is, load_params
 
 NAME = "jax"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -88,11 +88,9 @@ def quantizable(model: nnx.Module, fmt: QuantFormat) -> dict[str, QuantFormat]:
     found: dict[str, QuantFormat] = {}
 
     def visit(path: str, layer: Any) -> None:
-        k = int(layer.weight.shape[-1])
-        for group in (fmt.group_size, 32):
-            if k % group == 0 and k % 32 == 0:
-                found[path] = dataclasses.replace(fmt, group_size=group)
-                return
+        fitted = fmt.fitting(int(layer.weight.shape[-1]))
+        if fitted is not None:
+            found[path] = fitted
 
     swap_linears(model, visit)
     return found
@@ -201,15 +199,7 @@ class JaxRunner:
     @property
     def num_params(self) -> int:
         """Parameters as the dense model counts them (a quantized matrix's weights, not its words)."""
-        total = 0
-        for name, want in self.spec.items():
-            module, _, leaf = name.rpartition(".")
-            fmt = self.formats.get(module)
-            if fmt is not None and leaf == "weight":
-                total += int(np.prod(want.shape)) * 32 // fmt.bits
-            elif fmt is None or leaf not in ("scales", "biases"):
-                total += int(np.prod(want.shape))
-        return total
+        return dense_param_count(self.spec, self.formats)
 
     @property
     def weight_bytes(self) -> int:

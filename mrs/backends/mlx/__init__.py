@@ -25,14 +25,14 @@ from mrs import quant
 from mrs.backends.mlx.pooling import pool
 from mrs.backends.mlx.steps import MlxSteps
 from mrs.engine.shapes import step_positions
-from mrs.errors import InvalidParameterError
+from mrs.errors import InvalidParameterError, MrsError
 from mrs.families import Family
 from mrs.mlx import model_class
 from mrs.mlx.cache import KVCache
 from mrs.mlx.layers import swap_linears
 from mrs.mlx.quantized import quantized_variant, runs_on_mlx
 from mrs.quant import QuantFormat
-from mrs.weights import ParamSpec, is_stored_as_is, load_params
+from mrs.weights import ParamSpec, dense_param_count, is_stored_as_is, load_params
 
 NAME = "mlx"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -62,16 +62,20 @@ def quantized_kernel_reason(device: str | None = None) -> str | None:
     return None
 
 
+def runs_format(fmt: QuantFormat) -> bool:
+    """Whether MLX's kernels run this format (groups of 32, 64 or 128); mrs.load reads the
+    others (GGUF's Q6_K, groups of 16) dequantized."""
+    return runs_on_mlx(fmt)
+
+
 def quantizable(model: Any, fmt: QuantFormat) -> dict[str, QuantFormat]:
     """{module path: format} for every projection ``fmt`` (or 32-wide groups) can quantize."""
     found: dict[str, QuantFormat] = {}
 
     def visit(path: str, layer: Any) -> None:
-        k = int(layer.weight.shape[-1])
-        for group in (fmt.group_size, 32):
-            if k % group == 0 and k % 32 == 0:
-                found[path] = dataclasses.replace(fmt, group_size=group)
-                return
+        fitted = fmt.fitting(int(layer.weight.shape[-1]))
+        if fitted is not None:
+            found[path] = fitted
 
     swap_linears(model, visit)
     return found
@@ -95,14 +99,17 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     """The model in folder ``path`` (or the ``checkpoint`` stream) on MLX's default device.
 
     ``quantized`` names the projections whose checkpoint tensors arrive in mrs's quantized
-    format; those MLX's kernels cannot run (groups of 16) are dequantized as they load.
-    ``quantize`` quantizes every other projection it fits as it is read."""
+    format (only formats ``runs_format`` accepts); ``quantize`` quantizes every other
+    projection it fits as it is read."""
     mdtype = pick_dtype(dtype)
     model_cls = model_class(family.name)
     model = model_cls(config, dtype=mdtype)
-    arriving = dict(quantized or {})
-    formats = {p: f for p, f in arriving.items() if runs_on_mlx(f)}
-    at_load = {p: f for p, f in quantizable(model, quantize).items() if p not in arriving} if quantize else {}
+    formats = dict(quantized or {})
+    unrunnable = sorted(f"{p} ({f})" for p, f in formats.items() if not runs_format(f))
+    if unrunnable:
+        raise MrsError(f"MLX cannot run these quantized formats: {', '.join(unrunnable[:3])}; "
+                       "read them dequantized (mrs.load does)")
+    at_load = {p: f for p, f in quantizable(model, quantize).items() if p not in formats} if quantize else {}
     formats.update(at_load)
     dense_spec = param_spec(model)
     if formats:
@@ -112,16 +119,6 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     for module, fmt in at_load.items():               # read dense, quantize in place
         del read_spec[f"{module}.scales"], read_spec[f"{module}.biases"]
         read_spec[f"{module}.weight"] = dense_spec[f"{module}.weight"]
-    for module, fmt in arriving.items():
-        if module not in formats:                     # arrives packed, runs dense
-            read_spec.update({f"{module}.{leaf}": ParamSpec(
-                dense_spec[f"{module}.weight"].shape[:-1] + (width,), dt, (), True)
-                for leaf, width, dt in (("weight", fmt.packed_width(dense_spec[f"{module}.weight"].shape[-1]),
-                                         np.uint32),
-                                        ("scales", dense_spec[f"{module}.weight"].shape[-1] // fmt.group_size,
-                                         np.dtype(fmt.scale_dtype)),
-                                        ("biases", dense_spec[f"{module}.weight"].shape[-1] // fmt.group_size,
-                                         np.dtype(fmt.scale_dtype)))})
     key_map = family.checkpoint_map(config)
 
     def place(name: str, value: np.ndarray, want: ParamSpec) -> Any:
@@ -143,11 +140,6 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     arrays: dict[str, Any] = {}
     for name, value in read.items():
         arrays.update(value if isinstance(value, dict) else {name: value})
-    for module, fmt in arriving.items():               # packed tensors MLX cannot run: dense
-        if module not in formats:
-            parts = [np.array(arrays.pop(f"{module}.{leaf}")) for leaf in ("weight", "scales", "biases")]
-            dense = quant.dequantize(*(p.reshape(-1, p.shape[-1]) for p in parts), fmt.bits)
-            arrays[f"{module}.weight"] = mx.array(dense.reshape(dense_spec[f"{module}.weight"].shape)).astype(mdtype)
     model.update(tree_unflatten(list(arrays.items())))
     mx.eval(model.parameters())
     return MlxRunner(family, config, model_cls, model, spec, mdtype, formats)
@@ -181,15 +173,7 @@ class MlxRunner:
     @property
     def num_params(self) -> int:
         """Parameters as the dense model counts them (a quantized matrix's weights, not its words)."""
-        total = 0
-        for name, want in self.spec.items():
-            module, _, leaf = name.rpartition(".")
-            fmt = self.formats.get(module)
-            if fmt is not None and leaf == "weight":
-                total += int(np.prod(want.shape)) * 32 // fmt.bits
-            elif fmt is None or leaf not in ("scales", "biases"):
-                total += int(np.prod(want.shape))
-        return total
+        return dense_param_count(self.spec, self.formats)
 
     @property
     def weight_bytes(self) -> int:
