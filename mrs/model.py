@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,15 @@ def _runs_quantized(backend: Any, device: str | None) -> bool:
     return kernel is not None and kernel(device) is not None
 
 
+def _runnable(backend: Any, formats: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's formats, with those the backend's kernels lack set to None: mrs.load
+    reads those tensors dequantized (and a fused tensor with such a part stays dense)."""
+    runs = getattr(backend, "runs_format", None)
+    if runs is None:
+        return dict(formats)
+    return {module: fmt if fmt is None or runs(fmt) else None for module, fmt in formats.items()}
+
+
 def quantize_format(quantize: Any) -> Any:
     """``"int8"`` / ``"int4"`` (or a mrs.quant.QuantFormat) -> the format dense weights take at load."""
     from mrs.quant import QuantFormat
@@ -185,7 +195,8 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
         by_checkpoint: dict = {}            # checkpoint module -> the format its model tensor takes
         if not dequantize and _runs_quantized(backend, device):
             backend_options["quantized"], by_checkpoint = quant.plan(
-                source.tensor_formats(config.num_hidden_layers), family.checkpoint_map(config).fused)
+                _runnable(backend, source.tensor_formats(config.num_hidden_layers)),
+                family.checkpoint_map(config).fused)
         backend_options["checkpoint"] = gguf.GGUFTensors(source, config, by_checkpoint)
     else:
         from mrs import quant, quant_checkpoint, weights
@@ -198,7 +209,8 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
             by_checkpoint = {}
             if not dequantize and _runs_quantized(backend, device):
                 backend_options["quantized"], by_checkpoint = quant.plan(
-                    quant_checkpoint.module_formats(path, hf_config), family.checkpoint_map(config).fused)
+                    _runnable(backend, quant_checkpoint.module_formats(path, hf_config)),
+                    family.checkpoint_map(config).fused)
             backend_options["checkpoint"] = _Stream(
                 lambda: quant_checkpoint.converted(weights.iter_tensors(path), stored, by_checkpoint), path)
     runner = backend.load(path, family, config, dtype=dtype, device=device, **backend_options)
