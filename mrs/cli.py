@@ -572,23 +572,27 @@ class CLI:
     # -- settings --------------------------------------------------------------------------
 
     def config(self, action: str = "show", path: Any = None, force: bool = False):
-        """Settings: show | sources | init | validate | env | path.
+        """Settings: show | sources | init | validate | env | path | cache | clear-cache.
 
         show: the effective settings as TOML. sources: each value and where it came from
         (default, config file, .env, environment, flag). init: write a commented config
         file. validate: check the config file. env: the MRS_* variables. path: where the
-        config file is (MRS_CONFIG overrides).
+        config file is (MRS_CONFIG overrides). cache: where compiled steps persist
+        (compile_cache, MRS_COMPILE_CACHE) and what they take. clear-cache: remove them
+        (the next run of each model and shape compiles again).
 
         Args:
-            action: show, sources, init, validate, env or path.
+            action: show, sources, init, validate, env, path, cache or clear-cache.
             path: the config file for init/validate (default: the user config file).
             force: init overwrites an existing file.
         """
         from mrs import config as cfg
 
-        _choice(action, "ACTION", ("show", "sources", "init", "validate", "env", "path"))
+        _choice(action, "ACTION", ("show", "sources", "init", "validate", "env", "path", "cache", "clear-cache"))
         file = Path(_text(path, "--path")).expanduser() if path is not None else cfg.config_file()
-        if action == "path":
+        if action in ("cache", "clear-cache"):
+            _compile_cache(self._settings().compile_cache, clear=action == "clear-cache")
+        elif action == "path":
             print(file)
         elif action == "init":
             print(f"wrote {cfg.init_file(file, force=force)}")
@@ -626,6 +630,33 @@ class CLI:
 
         print(mrs.__version__)
 
+
+
+def _compile_cache(value: str, clear: bool) -> None:
+    """`mrs config cache` and `mrs config clear-cache` (no backend is imported)."""
+    from mrs import compile_cache
+
+    base = compile_cache.root(value)
+    if base is None:
+        print("the compile cache is off (compile_cache = off): every process compiles its steps")
+        return
+    if clear:
+        freed = compile_cache.clear(base)
+        print(f"removed {freed / 1e6:.1f} MB of compiled steps from {base}")
+        return
+    from rich.table import Table
+
+    print(f"compiled steps persist in {base}")
+    rows = compile_cache.summary(base)
+    if not rows:
+        print("(empty: the next run of each model and shape compiles, once)")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("WRITTEN BY", "FILES", "SIZE"):
+        table.add_column(column)
+    for name, files, size in rows:
+        table.add_row(name, str(files), f"{size / 1e6:.1f} MB")
+    _show(table)
 
 
 def _execution(info: dict, settings: Any) -> str:
@@ -748,6 +779,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mrs` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     fire.core.Display = _display
+    from mrs import compile_cache
+
+    compile_cache.set_reporter(compile_cache.terminal_reporter())   # a first compile says so
     try:
         fire.Fire(CLI, command=_prepare(sys.argv[1:] if argv is None else list(argv)), name="mrs")
     except fire.core.FireExit as e:

@@ -17,6 +17,7 @@ from typing import Any
 import platformdirs
 from dotenv import dotenv_values
 
+from mrs import compile_cache
 from mrs.errors import MrsError
 
 APP = "mrs"
@@ -53,6 +54,7 @@ class Settings:
     max_queue: int = 64
     max_body_bytes: int = 10_000_000
     cors_origins: str = ""
+    compile_cache: str = field(default_factory=lambda: str(compile_cache.default_root()))
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -163,6 +165,8 @@ DESCRIPTIONS = {
     "max_queue": "requests the server queues before answering 503",
     "max_body_bytes": "largest request body the server accepts",
     "cors_origins": "comma-separated origins allowed by the server's CORS headers",
+    "compile_cache": "folder where compiled steps persist between runs (off: compile in every process); "
+                     "`mrs config cache` shows what it holds, `mrs config clear-cache` empties it",
 }
 
 

@@ -170,8 +170,9 @@ def write_tokenizer(folder: Path, config: dict) -> None:
 
 
 def make_random_model(shape: str, dtype: str, out: Path, seed: int = 0,
-                      progress: Progress | None = None) -> Path:
-    """Build the folder at ``out`` (via a temp name); returns ``out``. Overwrites nothing."""
+                      progress: Progress | None = None, layers: int | None = None) -> Path:
+    """Build the folder at ``out`` (via a temp name); returns ``out``. Overwrites nothing.
+    ``layers`` changes the shape's depth (its widths stay)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     if dtype not in DTYPES:
@@ -182,6 +183,8 @@ def make_random_model(shape: str, dtype: str, out: Path, seed: int = 0,
     progress = progress or (lambda n: None)
     config = {**SHAPES[shape], "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
               "initializer_range": INIT_STD}
+    if layers is not None:
+        config["num_hidden_layers"] = int(layers)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -211,7 +214,8 @@ def make_random_model(shape: str, dtype: str, out: Path, seed: int = 0,
                 total += sum(int(np.prod(s)) * size for s in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (tmp / "RANDOM_WEIGHTS.json").write_text(json.dumps({"shape": shape, "dtype": dtype, "seed": seed}))
+        (tmp / "RANDOM_WEIGHTS.json").write_text(json.dumps({"shape": shape, "dtype": dtype, "seed": seed,
+                                                             "layers": config["num_hidden_layers"]}))
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,15 @@ os.environ.setdefault("OLLAMA_MODELS", "/nonexistent/mrs-tests/ollama")
 # XLA's CPU backend spends most of a test's time compiling tiny models; its LLVM
 # optimisation level barely matters for their speed but halves compile time.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Compiled steps persist for this session only (its subprocesses share them): never the
+# user's cache, and never a folder another checkout or an earlier session wrote.
+if "MRS_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MRS_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="mrs-test-compiled-")
+    atexit.register(shutil.rmtree, os.environ["MRS_COMPILE_CACHE"], True)
 
 import importlib.util  # noqa: E402
 import sys  # noqa: E402

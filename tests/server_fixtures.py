@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,15 +179,12 @@ def serve(request, tmp_path_factory, device: str):
         MRS_HOME=str(home),
         MRS_MIRROR=hub.url,
         MRS_CONFIG=str(base / "none.toml"),
+        MRS_COMPILE_CACHE=os.environ.get("MRS_COMPILE_CACHE", "off"),   # the session's (conftest)
         HF_HOME=str(base / "hf"),
         OLLAMA_MODELS=str(ollama),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
     )
-    # A persistent XLA cache makes every session after the first start in seconds, not a minute.
-    cache = os.environ.get("MRS_TEST_JAX_CACHE", str(Path(tempfile.gettempdir()) / "mrs-test-jax-cache"))
-    if cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache
     log = base / "server.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(

@@ -222,6 +222,27 @@ class Batcher:
         if box and box[0].error is not None:
             raise box[0].error
 
+    def preload(self) -> list[int]:
+        """Take every prompt bucket's prefill the backend already has compiled (in the compile
+        cache from an earlier run), so no first request after a restart waits on a compile.
+        Compiles nothing; returns the buckets found. Backends without a store find none."""
+        stored = getattr(self.steps, "stored_prefill_slot", None)
+        found: list[int] = []
+        if stored is None:
+            return found
+        width = MIN_PROMPT_BUCKET
+        while True:
+            with self._cond:
+                have = width in self._prefills or width in self._compiling
+            run = None if have else stored(width, self.cache)
+            if run is not None:
+                with self._cond:
+                    self._prefills.setdefault(width, run)
+                found.append(width)
+            if width >= self.max_len:
+                return found
+            width = bucket(width + 1, MIN_PROMPT_BUCKET, self.max_len)
+
     # ----- the loop (batcher thread) -----------------------------------------------
 
     def _reset(self) -> None:

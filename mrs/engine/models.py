@@ -168,6 +168,10 @@ class ModelManager:
             if self.warmup:
                 try:
                     batcher.warmup()
+                    found = batcher.preload()
+                    if found:
+                        log.info("%s: prefill for prompts of %s tokens loaded from the compile cache",
+                                 name, ", ".join(map(str, found)))
                 except BaseException:
                     batcher.close()
                     raise

@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from mrs import compile_cache
     from mrs.config import Settings
     from mrs.server.app import serve
+
+    compile_cache.set_reporter(compile_cache.terminal_reporter())   # a first compile is logged
 
     try:
         settings = Settings.load(host=args.host, port=args.port, max_batch=args.max_batch, home=args.home)

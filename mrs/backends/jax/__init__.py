@@ -23,6 +23,8 @@ from flax import nnx
 from mrs import archs, quant
 from mrs.archs.layers import swap_linears
 from mrs.archs.quantized import quantized_variant
+from mrs.backends.jax import executables
+from mrs.backends.jax.executables import StoredStep
 from mrs.backends.jax.pooling import pool
 from mrs.backends.jax.steps import CompiledSteps, JaxSteps, bind, shared_steps
 from mrs.cache import KVCache
@@ -105,6 +107,7 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     pairs (a GGUF file's tensors). ``quantized`` names the projections (module path ->
     format) whose checkpoint tensors arrive quantized (``weight``, ``scales``, ``biases``);
     ``quantize`` quantizes every other projection it fits as its dense tensor is read."""
+    executables.store()             # before anything compiles: JAX's persistent cache joins mrs's
     dev = pick_device(device)
     jdtype = pick_dtype(dtype, dev)
     model_cls = archs.model_class(family.name)
@@ -112,6 +115,7 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     formats = dict(quantized or {})
     at_load = {p: f for p, f in quantizable(abstract, quantize).items() if p not in formats} if quantize else {}
     formats.update(at_load)
+    kernel = None
     if formats:
         kernel = quantized_kernel(device)
         if kernel is None:
@@ -120,6 +124,11 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
         swap_linears(abstract, quantized_variant(formats, kernel))
     if variant is not None:
         swap_linears(abstract, variant)
+    # What the graph computes, named the same in every process (a caller's variant cannot be).
+    identity = None if variant is not None else "\n".join((
+        f"{model_cls.__module__}.{model_cls.__qualname__}", repr(config), jnp.dtype(jdtype).name,
+        repr(sorted(formats.items())), str(kernel)))
+    executables.prefetch(dev, identity)     # its steps load from the cache while the weights are read
     graphdef, state = nnx.split(abstract)
     spec = param_spec(state)
     read_spec = dict(spec)          # what the checkpoint holds: dense weights where quantized at load
@@ -151,7 +160,7 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     for path_, var in flat:
         var.set_value(arrays[".".join(map(str, path_))])
     params = nnx.to_pure_dict(nnx.from_flat_state(flat))
-    return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev, formats)
+    return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev, formats, identity)
 
 
 def quantized_kernel_reason(device: str | None = None) -> str | None:
@@ -175,8 +184,9 @@ class JaxRunner:
 
     def __init__(self, family: Family, config: Any, model_cls: Any, graphdef: Any, params: dict,
                  spec: dict[str, ParamSpec], dtype: Any, device: jax.Device,
-                 formats: Mapping[str, QuantFormat] | None = None):
+                 formats: Mapping[str, QuantFormat] | None = None, identity: str | None = None):
         self.family, self.config, self.model_cls = family, config, model_cls
+        self.identity = identity        # see executables.StoredStep; None: compile in each process
         self.graphdef, self.params, self.spec = graphdef, params, spec
         self.formats = dict(formats or {})      # quantized projections: module path -> format
         self.dtype, self.device = dtype, device
@@ -239,7 +249,8 @@ class JaxRunner:
 
     def compiled(self, num_top: int = 0) -> CompiledSteps:
         """The raw jitted functions (params first), for research code and benchmarks."""
-        return shared_steps(self.graphdef, self.config, self.dtype, self.device, self.vocab_size, num_top)
+        return shared_steps(self.graphdef, self.config, self.dtype, self.device, self.vocab_size, num_top,
+                            self.identity)
 
     def steps(self, num_top: int = 0) -> JaxSteps:
         if num_top not in self._steps:
@@ -261,7 +272,8 @@ class JaxRunner:
                 """tokens, mask [B, T] -> pooled [B, dim] float32."""
                 return pool(bind(graphdef, params)(tokens, mask), mask, pooling)
 
-            self._encoders[pooling] = jax.jit(encode)
+            self._encoders[pooling] = StoredStep(f"encode {pooling!r}", jax.jit(encode), self.device, self.identity,
+                                                 lambda a: f"the encoder over {a[1].shape[0]}x{a[1].shape[1]} tokens")
         pooled = self._encoders[pooling](self.params, np.asarray(tokens, np.int32), np.asarray(mask, bool))
         return np.asarray(pooled, np.float32)
 

@@ -3,7 +3,8 @@ generation, with sampling fused in so a step returns tokens, not logits.
 
 Shapes are the only static inputs: batch (slots), prompt bucket, cache length and
 the history window. Sampling values are arrays, so new values never recompile. The
-cache is donated, so XLA updates it in place.
+cache is donated, so XLA updates it in place. Each step's executables persist across
+processes (executables.StoredStep), so a later run neither traces nor compiles.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mrs.backends import Sampled
+from mrs.backends.jax.executables import StoredStep
 from mrs.backends.jax.sampling import SampleResult, SamplingParams, sample
 from mrs.cache import put_slots, take_slots
 
@@ -48,7 +50,10 @@ class CompiledSteps:
     """The jitted functions of one model graph (shared by every model of that graph and
     config, e.g. copies), taking the params as their first argument."""
 
-    def __init__(self, graphdef: Any, device: jax.Device, vocab_size: int, num_top: int = 0):
+    def __init__(self, graphdef: Any, device: jax.Device, vocab_size: int, num_top: int = 0,
+                 identity: str | None = None):
+        """``identity`` names what the graph computes across processes (model class, config,
+        dtype, formats); None keeps its executables in this process only."""
         self.num_top = num_top
         self.device, self.vocab_size = device, vocab_size
         self._everything: dict[int, jax.Array] = {}
@@ -83,21 +88,32 @@ class CompiledSteps:
             return result, cache, history
 
         options = compiler_options(device)
-        self.forward = jax.jit(forward, donate_argnums=(3,), compiler_options=options)
-        self.prefill = jax.jit(prefill, donate_argnums=(3,), compiler_options=options)
-        self.prefill_slot = jax.jit(prefill_slot, donate_argnums=(3,), compiler_options=options)
-        self.decode = jax.jit(decode, donate_argnums=(2, 4), compiler_options=options)
+        step_options = f"num_top={num_top}\n{sorted(options.items())}"
+
+        def step(name: str, fn: Any, donate: tuple[int, ...], describe: Any) -> StoredStep:
+            jitted = jax.jit(fn, donate_argnums=donate, compiler_options=options)
+            return StoredStep(name, jitted, device, identity, describe, step_options)
+
+        self.forward = step("forward", forward, (3,), lambda a: f"the forward pass over {_rows(a[1])}")
+        self.prefill = step("prefill", prefill, (3,), lambda a: f"prefill of {_rows(a[1])}")
+        self.prefill_slot = step("prefill_slot", prefill_slot, (3,), lambda a: f"prefill of {_rows(a[1])}")
+        self.decode = step("decode", decode, (2, 4), lambda a: f"decode of {a[1].shape[0]} row{'s' if a[1].shape[0] > 1 else ''}")
 
     def all_allowed(self, batch: int) -> jax.Array:
         """A [batch, vocab] all-true mask, for steps where no row is constrained."""
         if batch not in self._everything:
-            with jax.default_device(self.device):
-                self._everything[batch] = jnp.ones((batch, self.vocab_size), bool)
+            # From the host: an eager jnp.ones would compile a broadcast in every fresh process.
+            self._everything[batch] = jax.device_put(np.ones((batch, self.vocab_size), bool), self.device)
         return self._everything[batch]
 
     def compiled_count(self) -> int:
         """How many distinct compilations these steps hold (for no-recompile tests)."""
         return sum(f._cache_size() for f in (self.forward, self.prefill, self.prefill_slot, self.decode))
+
+
+def _rows(tokens: Any) -> str:
+    batch, width = tokens.shape
+    return f"{batch} prompt{'s' if batch > 1 else ''} of {width} tokens"
 
 
 @jax.jit
@@ -133,16 +149,16 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_steps(graphdef: Any, config: Any, dtype: Any, device: jax.Device, vocab_size: int,
-                 num_top: int) -> CompiledSteps:
+                 num_top: int, identity: str | None = None) -> CompiledSteps:
     """Compiled steps shared by models of the same graph, config and dtype (e.g. copies)."""
     try:
-        key = (graphdef, config, str(dtype), device, num_top)
+        key = (graphdef, config, str(dtype), device, num_top, identity)
         hash(key)
     except TypeError:
-        return CompiledSteps(graphdef, device, vocab_size, num_top)
+        return CompiledSteps(graphdef, device, vocab_size, num_top, identity)
     with _SHARED_LOCK:
         if key not in _SHARED:
-            _SHARED[key] = CompiledSteps(graphdef, device, vocab_size, num_top)
+            _SHARED[key] = CompiledSteps(graphdef, device, vocab_size, num_top, identity)
         return _SHARED[key]
 
 
@@ -152,8 +168,6 @@ class JaxSteps:
     def __init__(self, compiled: CompiledSteps, params: Any):
         self.compiled, self.params = compiled, params
         self.vocab_size = compiled.vocab_size
-        self._prefill_slots: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
 
     def _device(self, x: Any) -> jax.Array:
         with jax.default_device(self.compiled.device):
@@ -176,16 +190,25 @@ class JaxSteps:
                                               self._allowed(allowed, np.shape(tokens)[0]))
         return JaxPending(result), cache
 
-    def prefill_slot(self, width: int, cache: Any):
-        compiled, params = self.compiled, self.params
-        max_len = int(cache.max_len)
+    def _prefill_slot_spec(self, width: int, cache: Any) -> tuple:
         row = SamplingParams.make(temperature=0, seed=0)
-        spec = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (
-            params, np.zeros((1, width), np.int32), np.zeros((1, width), np.int32), cache, np.int32(0), row,
-            np.zeros((1, max_len), np.int32), np.zeros((1,), np.int32), compiled.all_allowed(1)))
-        executable = compiled.prefill_slot.lower(*spec).compile()
-        with self._lock:
-            self._prefill_slots[(width, max_len)] = executable
+        max_len = int(cache.max_len)
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (
+            self.params, np.zeros((1, width), np.int32), np.zeros((1, width), np.int32), cache, np.int32(0), row,
+            np.zeros((1, max_len), np.int32), np.zeros((1,), np.int32), self.compiled.all_allowed(1)))
+
+    def prefill_slot(self, width: int, cache: Any):
+        return self._prefill_slot_run(width, cache, self.compiled.prefill_slot.compile(
+            *self._prefill_slot_spec(width, cache)))
+
+    def stored_prefill_slot(self, width: int, cache: Any):
+        """``prefill_slot`` if its executable is at hand (this process or the compile cache),
+        else None: what a server preloads at start without compiling anything."""
+        executable = self.compiled.prefill_slot.stored(*self._prefill_slot_spec(width, cache))
+        return None if executable is None else self._prefill_slot_run(width, cache, executable)
+
+    def _prefill_slot_run(self, width: int, cache: Any, executable: Any):
+        params = self.params
 
         def run(cache, tokens, positions, slot, sampling, history, step, allowed):
             result, cache = executable(params, tokens, positions, cache, np.int32(slot), sampling, history, step,
@@ -203,6 +226,5 @@ class JaxSteps:
         return _put_row(array, np.int32(slot), row)
 
     def compiled_count(self) -> int:
-        with self._lock:
-            ahead = len(self._prefill_slots)
-        return self.compiled.compiled_count() + _put_row._cache_size() + ahead
+        """Executables these steps hold (prefill_slot's ahead-of-time ones included)."""
+        return self.compiled.compiled_count() + _put_row._cache_size()
