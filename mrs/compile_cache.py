@@ -22,7 +22,7 @@ from typing import Any
 import platformdirs
 
 OFF = frozenset({"off", "none", "false", "no", "0"})
-VERSION_PREFIXES = ("jax-",)       # the subfolders a backend writes (see version_folder)
+VERSION_PREFIXES = ("jax-", "tokenizers-")   # the subfolders mrs writes (see version_folder)
 
 
 def default_root() -> Path:
@@ -40,6 +40,25 @@ def root(value: str) -> Path | None:
 def version_folder(base: Path, **versions: str) -> Path:
     """``base/jax-0.10.2-jaxlib-0.10.2`` for versions jax=..., jaxlib=... (in that order)."""
     return base / "-".join(f"{name}-{version}" for name, version in versions.items())
+
+
+def read_text(path: Path) -> str | None:
+    """An entry's text, or None when it is absent or unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write an entry atomically (a temporary file renamed into place); failures only lose it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _ours(base: Path) -> list[Path]:

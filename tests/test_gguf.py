@@ -231,6 +231,28 @@ def test_gemma3_gguf_tokenizes_as_the_reference(gemma, reference):
         assert gemma.tokenizer.encode(text) == tokenizer(text)["input_ids"], text
 
 
+def test_gemma3s_tokenizer_comes_back_from_the_compile_cache_as_built(gemma_file, reference, tmp_path, monkeypatch):
+    """Building the merges of 262K pieces takes seconds, so the result is kept in the compile
+    cache: the copy read back (the builder is not called) encodes as the reference does, and
+    a damaged copy is rebuilt."""
+    from mrs import gguf, gguf_tokenizer
+
+    monkeypatch.setenv("MRS_COMPILE_CACHE", str(tmp_path))
+    source = gguf.GGUFModel(gemma_file)
+    built = gguf.tokenizer(source)
+    [entry] = tmp_path.glob("tokenizers-*/*.json")
+    real_build = gguf_tokenizer.build
+    monkeypatch.setattr(gguf_tokenizer, "build", lambda *a: pytest.fail("rebuilt despite the cached copy"))
+    cached = gguf.tokenizer(source)
+    _, tokenizer = reference
+    for text in TEXTS + ["   leading spaces", "<start_of_turn>user\nhi<end_of_turn>"]:
+        assert cached.encode(text) == tokenizer(text)["input_ids"] == built.encode(text), text
+    entry.write_text('{"damaged": ')
+    monkeypatch.setattr(gguf_tokenizer, "build", real_build)
+    assert gguf.tokenizer(source).encode(TEXTS[0]) == built.encode(TEXTS[0])
+    assert entry.read_text().startswith("{") and len(entry.read_text()) > 1_000_000   # rewritten whole
+
+
 def test_gemma3_gguf_logits_and_greedy_tokens_match_transformers(gemma, reference):
     """mrs runs the file's blocks quantized (converted losslessly); transformers dequantizes
     them to float32: the same values, so the same logits to rounding and the same greedy text."""
