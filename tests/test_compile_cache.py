@@ -172,6 +172,20 @@ def test_a_restarted_server_takes_its_prompt_buckets_from_the_cache(llama, tmp_p
     assert second["tokens"] == first["tokens"]
 
 
+def test_a_process_that_exits_while_its_steps_prefetch_exits_cleanly(llama, first, tmp_path):
+    """mrs.load starts loading cached steps on a thread; a process that ends right after the
+    load (a chat's /exit, a script) must not abort in XLA at shutdown (it did, with -6)."""
+    cache, _ = first
+    child(llama, cache, max_tokens=300)          # more entries in the group than one run needs
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")}
+    env.update(JAX_PLATFORMS="cpu", MRS_COMPILE_CACHE=str(cache))
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", "import sys, mrs; mrs.load(sys.argv[1], device='cpu')",
+                               str(llama)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+                              check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_with_the_cache_off_nothing_is_written(llama, tmp_path):
     cache = tmp_path / "cache"
     done = child(llama, cache, env={"MRS_COMPILE_CACHE": "off"})

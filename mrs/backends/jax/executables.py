@@ -95,10 +95,11 @@ class StepStore:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.exe"
 
-    def prefetch(self, group: str, limit: int = 4) -> threading.Thread | None:
+    def prefetch(self, group: str, limit: int = 2) -> threading.Thread | None:
         """Load the group's ``limit`` most recently used entries on a thread, while the caller
         reads weights (a load spends its time in XLA with the GIL released): a one-shot run
-        finds its steps ready. The entries nobody asks for cost that thread only."""
+        (prefill and decode: two) finds its steps ready. An entry nobody asks for costs that
+        thread's time; a server loads the rest itself (``Batcher.preload``)."""
         folder = self.folder / group
         try:
             paths = sorted(folder.glob("*.exe"), key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
@@ -117,7 +118,9 @@ class StepStore:
                 finally:
                     ahead.resolve(value)
 
-        thread = threading.Thread(target=run, name="mrs-prefetch-steps", daemon=True)
+        # Not a daemon: a process that exits while XLA is still loading an entry on a daemon
+        # thread aborts in C++ (a one-shot chat did, -6); the interpreter waits for this one.
+        thread = threading.Thread(target=run, name="mrs-prefetch-steps", daemon=False)
         thread.start()
         return thread
 
