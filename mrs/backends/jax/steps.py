@@ -97,7 +97,7 @@ class CompiledSteps:
         self.forward = step("forward", forward, (3,), lambda a: f"the forward pass over {_rows(a[1])}")
         self.prefill = step("prefill", prefill, (3,), lambda a: f"prefill of {_rows(a[1])}")
         self.prefill_slot = step("prefill_slot", prefill_slot, (3,), lambda a: f"prefill of {_rows(a[1])}")
-        self.decode = step("decode", decode, (2, 4), lambda a: f"decode of {a[1].shape[0]} row{'s' if a[1].shape[0] > 1 else ''}")
+        self.decode = step("decode", decode, (2, 4), lambda a: f"decode of {_count(a[1].shape[0], 'row')}")
 
     def all_allowed(self, batch: int) -> jax.Array:
         """A [batch, vocab] all-true mask, for steps where no row is constrained."""
@@ -111,9 +111,13 @@ class CompiledSteps:
         return sum(f._cache_size() for f in (self.forward, self.prefill, self.prefill_slot, self.decode))
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
 def _rows(tokens: Any) -> str:
     batch, width = tokens.shape
-    return f"{batch} prompt{'s' if batch > 1 else ''} of {width} tokens"
+    return f"{_count(batch, 'prompt')} of {width} tokens"
 
 
 @jax.jit
@@ -198,16 +202,16 @@ class JaxSteps:
             np.zeros((1, max_len), np.int32), np.zeros((1,), np.int32), self.compiled.all_allowed(1)))
 
     def prefill_slot(self, width: int, cache: Any):
-        return self._prefill_slot_run(width, cache, self.compiled.prefill_slot.compile(
-            *self._prefill_slot_spec(width, cache)))
+        return self._prefill_slot_run(self.compiled.prefill_slot.compile(*self._prefill_slot_spec(width, cache)))
 
     def stored_prefill_slot(self, width: int, cache: Any):
         """``prefill_slot`` if its executable is at hand (this process or the compile cache),
         else None: what a server preloads at start without compiling anything."""
         executable = self.compiled.prefill_slot.stored(*self._prefill_slot_spec(width, cache))
-        return None if executable is None else self._prefill_slot_run(width, cache, executable)
+        return None if executable is None else self._prefill_slot_run(executable)
 
-    def _prefill_slot_run(self, width: int, cache: Any, executable: Any):
+    def _prefill_slot_run(self, executable: Any):
+        """The protocol's prefill_slot callable over one compiled executable."""
         params = self.params
 
         def run(cache, tokens, positions, slot, sampling, history, step, allowed):
