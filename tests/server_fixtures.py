@@ -179,7 +179,7 @@ def serve(request, tmp_path_factory, device: str):
         MRS_HOME=str(home),
         MRS_MIRROR=hub.url,
         MRS_CONFIG=str(base / "none.toml"),
-        MRS_COMPILE_CACHE=os.environ.get("MRS_COMPILE_CACHE", "off"),   # the session's (conftest)
+        MRS_COMPILE_CACHE=os.environ.get("MRS_COMPILE_CACHE", "off"),   # conftest: off
         HF_HOME=str(base / "hf"),
         OLLAMA_MODELS=str(ollama),
         JAX_PLATFORMS="cpu",
