@@ -591,7 +591,7 @@ class CLI:
         _choice(action, "ACTION", ("show", "sources", "init", "validate", "env", "path", "cache", "clear-cache"))
         file = Path(_text(path, "--path")).expanduser() if path is not None else cfg.config_file()
         if action in ("cache", "clear-cache"):
-            _compile_cache(self._settings().compile_cache, clear=action == "clear-cache")
+            _compile_cache(self._settings().compile_cache_dir, clear=action == "clear-cache")
         elif action == "path":
             print(file)
         elif action == "init":
@@ -632,11 +632,10 @@ class CLI:
 
 
 
-def _compile_cache(value: str, clear: bool) -> None:
+def _compile_cache(base: Path | None, clear: bool) -> None:
     """`mrs config cache` and `mrs config clear-cache` (no backend is imported)."""
     from mrs import compile_cache
 
-    base = compile_cache.root(value)
     if base is None:
         print("the compile cache is off (compile_cache = off): every process compiles its steps")
         return

@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,15 +51,18 @@ def read_text(path: Path) -> str | None:
         return None
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write an entry atomically (a temporary file renamed into place); failures only lose it."""
+def write_atomic(path: Path, data: bytes) -> bool:
+    """Write an entry through a temporary file renamed into place, so another process sees
+    all of it or none; False (and nothing left behind) if it cannot be written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError:
-        pass
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _ours(base: Path) -> list[Path]:

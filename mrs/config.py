@@ -102,6 +102,11 @@ class Settings:
             return {"dequantize": True}
         return {"quantize": self.quantize} if self.quantize in ("int8", "int4") else {}
 
+    @property
+    def compile_cache_dir(self) -> Path | None:
+        """Where compiled steps persist (None: ``compile_cache = "off"``)."""
+        return compile_cache.root(self.compile_cache)
+
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("sources")

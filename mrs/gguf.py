@@ -295,7 +295,7 @@ def _built_tokenizer(model: GGUFModel, meta: dict[str, Any]) -> Any:
     from mrs import compile_cache, gguf_tokenizer
     from mrs.config import Settings
 
-    base = compile_cache.root(Settings.load().compile_cache)
+    base = Settings.load().compile_cache_dir
     entry = None
     if base is not None:
         stat = model.path.stat()
@@ -311,7 +311,7 @@ def _built_tokenizer(model: GGUFModel, meta: dict[str, Any]) -> Any:
                 log.warning("ignoring a damaged cached tokenizer %s", entry)
     hf = gguf_tokenizer.build(model.architecture, meta)
     if entry is not None:
-        compile_cache.write_text(entry, hf.to_str())
+        compile_cache.write_atomic(entry, hf.to_str().encode())
     return hf
 
 

@@ -6,7 +6,8 @@ the last, and the first two grow with depth (about 3.6 s for SmolLM2-135M's 30 l
 2-core CPU). So mrs stores each step's whole executable, serialized, and a later process
 loads it back by a key it can compute without tracing.
 
-The executables live in ``compile_cache.root()/jax-<version>-jaxlib-<version>/steps/``,
+The executables live in ``<compile cache>/jax-<version>-jaxlib-<version>/steps/`` (the folder of
+the ``compile_cache`` setting, ``Settings.compile_cache_dir``),
 keyed by everything their code and shapes depend on: mrs's own source, jax and jaxlib, the
 device and the host CPU, XLA flags, the model's class, config, dtype and quantized formats,
 and every argument's tree, shape and dtype. A hit is a file read and a load.
@@ -61,7 +62,7 @@ def store() -> StepStore | None:
         _configured = True
         from mrs.config import Settings
 
-        base = compile_cache.root(Settings.load().compile_cache)
+        base = Settings.load().compile_cache_dir
         if base is None:
             return None
         folder = compile_cache.version_folder(base, jax=jax.__version__, jaxlib=_jaxlib_version())
@@ -128,17 +129,10 @@ class StepStore:
         """The executable stored under ``key``, or None (absent, corrupted: then removed)."""
         with self._ahead_lock:
             ahead = self._ahead.pop(key, None)
-        if ahead is not None:
-            executable = ahead.wait()
-            if executable is not None:
-                STATS["hit"] += 1
-                return executable
-            if ahead.found_damaged:
-                return None             # counted as rejected when the prefetch read it
-        executable = self._read(key, count_miss)
-        if executable is None or executable is _DAMAGED:
-            return None
-        STATS["hit"] += 1
+        # A prefetched entry's read is final: a damaged one was counted and removed there.
+        executable = ahead.wait() if ahead is not None else self._read(key, count_miss)
+        if executable is not None:
+            STATS["hit"] += 1
         return executable
 
     def _read(self, key: str, count_miss: bool) -> Any | None:
@@ -163,7 +157,7 @@ class StepStore:
             log.warning("ignoring a damaged compiled step %s (%s); compiling it again", path.name, e)
             STATS["rejected"] += 1
             path.unlink(missing_ok=True)
-            return _DAMAGED
+            return None
         try:
             os.utime(path)       # the most recently used entries are the ones prefetched
         except OSError:
@@ -180,24 +174,10 @@ class StepStore:
             log.debug("step %s cannot be serialized (%s); it will compile in each process", key, e)
             STATS["unstorable"] += 1
             return
-        path = self.path(key)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
-            with open(tmp, "wb") as out:
-                out.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-            os.replace(tmp, path)     # atomic: another process sees all of it or none
-        except OSError as e:
-            log.warning("cannot write compiled step to %s (%s)", path.parent, e)
-            return
-        STATS["stored"] += 1
-
-
-class _Damaged:
-    """What ``_read`` returns for an entry it found damaged (and removed)."""
-
-
-_DAMAGED = _Damaged()
+        if compile_cache.write_atomic(self.path(key), MAGIC + hashlib.sha256(payload).digest() + payload):
+            STATS["stored"] += 1
+        else:
+            log.warning("cannot write compiled step to %s", self.path(key).parent)
 
 
 class _Ahead:
@@ -206,11 +186,9 @@ class _Ahead:
     def __init__(self):
         self._done = threading.Event()
         self._value: Any = None
-        self.found_damaged = False
 
     def resolve(self, value: Any) -> None:
-        self.found_damaged = value is _DAMAGED
-        self._value = None if value is _DAMAGED else value
+        self._value = value
         self._done.set()
 
     def wait(self) -> Any | None:
@@ -319,15 +297,7 @@ class StoredStep:
 
     def stored(self, *args: Any) -> Any | None:
         """The executable for these arguments if this process or the store has it; never compiles."""
-        key = signature(args[1:])
-        with self._lock:
-            executable = self._by_shape.get(key)
-            steps = store() if executable is None and self.identity is not None else None
-            if steps is not None:
-                executable = steps.load(self._store_key(args), count_miss=False)
-                if executable is not None:
-                    self._by_shape[key] = executable
-            return executable
+        return self._compiled(signature(args[1:]), args, compile=False)
 
     def lower(self, *args: Any) -> Any:
         return self.jitted.lower(*args)
@@ -335,15 +305,16 @@ class StoredStep:
     def _cache_size(self) -> int:
         return len(self._by_shape)
 
-    def _compiled(self, key: tuple, args: tuple) -> Any:
+    def _compiled(self, key: tuple, args: tuple, compile: bool = True) -> Any | None:
+        """Memory, then the step store, then (if ``compile``) XLA; what is found stays in memory."""
         with self._lock:
             executable = self._by_shape.get(key)
             if executable is not None:
                 return executable
             steps = store() if self.identity is not None else None
             name = self._store_key(args) if steps is not None else None
-            executable = steps.load(name) if name is not None else None
-            if executable is None:
+            executable = steps.load(name, count_miss=compile) if name is not None else None
+            if executable is None and compile:
                 hits = _xla_cache_hits
                 with compile_cache.compiling(self.describe(args)):
                     executable = self.jitted.lower(*args).compile()
@@ -351,7 +322,8 @@ class StoredStep:
                     steps.save(name, executable)
                 elif name is not None:
                     STATS["unstorable"] += 1
-            self._by_shape[key] = executable
+            if executable is not None:
+                self._by_shape[key] = executable
             return executable
 
     def _store_key(self, args: tuple) -> str:
