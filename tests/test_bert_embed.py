@@ -79,8 +79,9 @@ def test_minilm_embeddings_match_transformers_mean_pooled_and_normalised(minilm,
 
     ours = mrs.embed(minilm, MINILM_TEXTS)
     assert ours.shape == (len(MINILM_TEXTS), 384) and ours.dtype == np.float32
-    cosine = np.sum(ours * expected, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(expected, axis=1)
-    assert cosine.min() >= 0.9999, cosine
+    # Elementwise, not by cosine: float32 reordering differs by ~3e-7, while a near miss such
+    # as tanh-approximated GELU is off by ~4e-4 yet keeps the cosine above 0.9999.
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 

@@ -30,7 +30,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mrs.backends.jax.sampling import process_logits, sample_jit
+from mrs.backends.jax.sampling import _filter, process_logits, sample_jit
 from mrs.errors import InvalidParameterError
 from mrs.sampling import (
     DEFAULTS,
@@ -49,6 +49,8 @@ backends = pytest.mark.parametrize("backend", BACKENDS)
 SETTINGS = settings(max_examples=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 process_jit = jax.jit(process_logits)
+# Jitted once: run eagerly, each call re-traces and compiles the filter's branches (~1 s).
+filter_jit = jax.jit(_filter)
 
 row_strategy = st.fixed_dictionaries({
     "temperature": st.one_of(st.just(0.0), st.floats(0.05, 3.0)),
@@ -159,9 +161,7 @@ def filtered(backend: str, logits: np.ndarray, params: SamplingParams) -> np.nda
     """Top-k, top-p and min-p alone (no penalties, temperature 1): the JAX kernel's
     `_filter`, or the MLX kernel's process_logits at temperature 1 (x / 1 is exact)."""
     if backend == "jax":
-        from mrs.backends.jax.sampling import _filter
-
-        return np.asarray(_filter(jnp.asarray(logits), params).logits)
+        return np.asarray(filter_jit(jnp.asarray(logits), params).logits)
     params = dataclasses.replace(params, temperature=np.ones_like(params.temperature),
                                  repeat_penalty=np.ones_like(params.repeat_penalty),
                                  presence_penalty=np.zeros_like(params.presence_penalty),
@@ -365,6 +365,7 @@ def assert_draws_follow_the_filtered_distribution(configs: list[dict], logits: n
             assert chi2_sf((((counts - unfiltered) ** 2) / unfiltered).sum(), vocab - 1) < 1e-6
 
 
+@pytest.mark.slow   # 20,000 draws per config; CI runs it, `-m 'not slow'` skips it
 @backends
 def test_empirical_frequencies_match_the_filtered_renormalised_distribution(backend):
     for x in (0.5, 3.0, 40.0, 3000.0):  # closed forms for df = 2 and 4
@@ -380,6 +381,7 @@ def test_empirical_frequencies_match_the_filtered_renormalised_distribution(back
                                                   np.repeat(history, 2, axis=0), backend=backend)
 
 
+@pytest.mark.slow   # 20,000 draws per config; CI runs it, `-m 'not slow'` skips it
 @backends
 def test_draws_over_a_vocabulary_wider_than_the_candidates_follow_the_distribution(backend):
     """Rows whose support lies among the candidates draw among them; the others (a
@@ -535,8 +537,9 @@ def test_out_of_range_or_mistyped_parameters_raise_an_error_naming_them(name, va
 def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
     """The C largest logits decide top-k <= C and nuclei that close among them; wider
     filters sort the vocabulary. Either way, the support is the definitions' (float64)."""
-    from mrs.backends.jax.sampling import CANDIDATES, _filter, _filter_with
+    from mrs.backends.jax.sampling import CANDIDATES, _filter_with
 
+    filter_with_jit = jax.jit(_filter_with)
     vocab = 1000
     normal = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (vocab,)))
 
@@ -544,8 +547,8 @@ def test_candidate_filtering_equals_the_full_sort_and_the_definitions():
         logits = jnp.asarray(np.stack([normal * scale for *_, scale in cases]), jnp.float32)
         params = SamplingParams.stack([SamplingParams.make(top_k=k, top_p=p, min_p=m, seed=0)
                                        for k, p, m, _ in cases])
-        z, top_ids, within = (np.asarray(a) for a in _filter(logits, params))
-        by_sort = _filter_with(logits, params, jnp.sort(logits, axis=-1), jnp.zeros((len(cases),))).logits
+        z, top_ids, within = (np.asarray(a) for a in filter_jit(logits, params))
+        by_sort = filter_with_jit(logits, params, jnp.sort(logits, axis=-1), jnp.zeros((len(cases),))).logits
         np.testing.assert_array_equal(np.isfinite(z), np.isfinite(np.asarray(by_sort)))
         for r, (k, p, m, _) in enumerate(cases):
             support = filtered_probs_ref(np.asarray(logits[r]), k, p, m) > 0
@@ -610,11 +613,12 @@ def test_filtering_a_vocabulary_wider_than_the_candidates_keeps_the_definitions_
         np.testing.assert_array_equal(np.isfinite(z[r]), support > 0)
 
 
+@pytest.mark.slow   # 20,000 draws per config; CI runs it, `-m 'not slow'` skips it
 @backends
 def test_ties_at_a_cut_reach_past_the_candidates_and_are_drawn(backend):
     """A cut keeps every token tied with it (as HF's warpers do), also outside the
     candidates; a nucleus then counts their mass, and the draw covers them."""
-    from mrs.backends.jax.sampling import CANDIDATES, _filter
+    from mrs.backends.jax.sampling import CANDIDATES
 
     vocab = 4 * CANDIDATES
     tied = np.array([3.0] * 5 + [0.0] * (vocab - 5), np.float32)   # 5 likely tokens, then a tie
@@ -625,7 +629,7 @@ def test_ties_at_a_cut_reach_past_the_candidates_and_are_drawn(backend):
         support = filtered_probs_ref(tied, k, p, 0.0) > 0
         np.testing.assert_array_equal(np.isfinite(z[r]), support, err_msg=f"top_k={k}, top_p={p}")
     if backend == "jax":
-        _, top_ids, within = (np.asarray(a) for a in _filter(jnp.asarray(np.stack([tied] * len(cases))), params))
+        _, top_ids, within = (np.asarray(a) for a in filter_jit(jnp.asarray(np.stack([tied] * len(cases))), params))
         for r, (k, p) in enumerate(cases):
             support = filtered_probs_ref(tied, k, p, 0.0) > 0
             assert within[r] == (set(np.flatnonzero(support)) <= set(top_ids[r]))
@@ -646,11 +650,10 @@ def test_sampling_runs_with_64_bit_jax_types():
 def test_a_rows_filter_does_not_depend_on_a_neighbour_that_sorts():
     """A nucleus the candidates decide keeps that result when another row of the batch
     needs the full sort, even with top_p right at a cut, where the two orders round apart."""
-    from mrs.backends.jax.sampling import CANDIDATES, _filter
+    from mrs.backends.jax.sampling import CANDIDATES
 
     vocab = 4 * CANDIDATES
     rng = np.random.default_rng(11)
-    filter_jit = jax.jit(lambda x, params: _filter(x, params).logits)
     sorter = SamplingParams.make(top_k=CANDIDATES + 20, top_p=0.9, min_p=0.0)   # needs the sort
     for _ in range(40):
         x = jnp.asarray(rng.standard_normal((1, vocab)) * 6, jnp.float32)
@@ -659,8 +662,8 @@ def test_a_rows_filter_does_not_depend_on_a_neighbour_that_sorts():
         tail = 1 - jnp.exp(jax.nn.logsumexp(asc) - jax.nn.logsumexp(x))
         cum = np.asarray(tail + jnp.cumsum(jax.nn.softmax(asc, axis=-1) * (1 - tail), axis=-1))[0]
         row = SamplingParams.make(top_k=0, top_p=float(np.float32(1) - np.float32(cum[CANDIDATES - 8])), min_p=0.0)
-        alone = np.asarray(filter_jit(x, row))
-        together = np.asarray(filter_jit(jnp.concatenate([x, x]), SamplingParams.stack([row, sorter])))
+        alone = np.asarray(filter_jit(x, row).logits)
+        together = np.asarray(filter_jit(jnp.concatenate([x, x]), SamplingParams.stack([row, sorter])).logits)
         np.testing.assert_array_equal(alone[0], together[0])
 
 
