@@ -17,6 +17,10 @@ MAX_DEPTH = 64
 # Consecutive whitespace allowed between tokens: enough for indented output (a newline
 # and 16 levels of 4-space indentation), and a model cannot stall in endless newlines.
 MAX_WHITESPACE = 65
+# Before the value itself only a little: a newline, CR LF, or the word-start space of a
+# SentencePiece "▁{" token. A random or confused model otherwise spends a whole short
+# budget on blank lines (65 bytes of them) and answers nothing.
+MAX_LEADING_WHITESPACE = 2
 WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -32,7 +36,8 @@ def _value_done(stack: str) -> State:
 
 def _whitespace(state: State) -> State | None:
     mode, stack, count = state
-    return (mode, stack, count + 1) if count < MAX_WHITESPACE else None
+    cap = MAX_LEADING_WHITESPACE if mode == "top" else MAX_WHITESPACE
+    return (mode, stack, count + 1) if count < cap else None
 
 
 def _start_value(stack: str, byte: int) -> State | None:

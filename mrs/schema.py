@@ -9,7 +9,8 @@ list), ``properties`` (only declared keys, each at most once, any order), ``requ
 plain types. Other keywords (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are
 not enforced: such a node accepts any JSON value of its type; so does an object
 without ``properties`` (any keys). A value at the top level that could go on (a
-number) ends with one whitespace byte.
+number) ends with one whitespace byte; at most ``MAX_LEADING_WHITESPACE`` bytes come
+before it, and ``MAX_WHITESPACE`` in any other gap.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mrs.errors import InvalidParameterError
-from mrs.json_grammar import DIGITS, MAX_DEPTH, MAX_WHITESPACE, NUMBER_ENDS, WHITESPACE, Grammar, State, feed
+from mrs.json_grammar import (DIGITS, MAX_DEPTH, MAX_LEADING_WHITESPACE, MAX_WHITESPACE, NUMBER_ENDS, WHITESPACE,
+                              Grammar, State, feed)
 
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 ANY = frozenset(TYPES)
@@ -187,7 +189,8 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
     if mode == "done":
         return None
     if byte in WHITESPACE:
-        return (mode, frames, x, ws + 1) if ws < MAX_WHITESPACE else None
+        cap = MAX_LEADING_WHITESPACE if mode == "value" and not frames else MAX_WHITESPACE
+        return (mode, frames, x, ws + 1) if ws < cap else None
     if mode == "value":
         return _start(frames, x, byte)
     if mode == "colon":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -87,9 +88,32 @@ def test_every_accepted_prefix_can_still_become_json(text):
         assert isinstance(loads(text + closing(state)), dict), (text, state)
 
 
-def test_whitespace_runs_are_capped_so_a_model_cannot_stall():
-    assert run(b"{" + b"\n" + b" " * 64) is not None
-    assert run(b"{" + b"\n" + b" " * 65) is None
+# The caps, written out rather than imported, so that a test fails if the product's caps drift.
+# Before the object: a newline, CR LF or a SentencePiece word-start space, no more.
+LEADING_WHITESPACE = 2
+# Any other gap: a newline and 16 levels of 4-space indentation.
+GAP_WHITESPACE = 65
+# Every kind of gap inside an object, as (text before the gap, a byte that may follow it).
+GAPS = [(b"{", b'"'), (b'{"a"', b":"), (b'{"a":', b"1"), (b'{"a": 1', b","), (b'{"a": 1,', b'"'),
+        (b'{"a": [', b"1"), (b'{"a": [1', b"]"), (b'{"a": [1,', b"2"), (b'{"a": "x"', b"}"),
+        (b'{"a": 1', b"}")]
+
+
+def test_whitespace_before_the_object_is_capped_so_an_answer_cannot_be_blank():
+    assert run(b" \n{}")[0] == "done" and run(b"\r\n{}")[0] == "done"
+    assert run(b"  \n") is None and run(b"\n\n\n{}") is None
+
+
+@pytest.mark.parametrize("before,after", GAPS)
+def test_whitespace_in_every_gap_of_the_object_is_capped_so_a_model_cannot_stall(before, after):
+    indent = b"\n" + b" " * (GAP_WHITESPACE - 1)
+    assert run(before + indent + after) is not None
+    assert run(before + indent + b" ") is None and run(before + indent + b"\t") is None
+
+
+def test_whitespace_is_capped_gap_by_gap_not_over_the_whole_object():
+    indent = b"\n" + b" " * (GAP_WHITESPACE - 1)
+    assert run(indent.join([b"{", b'"a"', b":", b"[", b"1", b",", b"2", b"]", b"}"]))[0] == "done"
 
 
 def test_nothing_follows_the_closed_object():
@@ -137,17 +161,62 @@ def test_masks_equal_feeding_each_token_to_the_automaton(table):
             assert isinstance(loads(text + closing(state)), dict)
 
 
-def test_generation_with_format_json_only_writes_json(llama):
-    for seed in range(3):
-        done = mrs.generate(llama, "json please", max_tokens=40, temperature=1.0, top_k=0, top_p=1.0,
-                            seed=seed, format="json")
+def whitespace_runs(text: bytes) -> list[int]:
+    """The lengths of the whitespace runs between JSON tokens (strings, even an unfinished
+    one, blanked out first)."""
+    outside = re.sub(rb'"(\\.|[^"\\])*"?', b'""', text, flags=re.S)
+    return [len(run) for run in re.findall(rb"[ \t\n\r]+", outside)]
+
+
+JSON_SEEDS = range(6)
+
+
+@pytest.fixture(scope="module")
+def json_answers(llama):
+    """Answers under format="json", one per seed. The random model mostly opens a string
+    that never closes (finish "length"); seed 2 closes its object within the budget."""
+    return {seed: mrs.generate(llama, "json please", max_tokens=40, temperature=1.0, top_k=0, top_p=1.0,
+                               seed=seed, format="json") for seed in JSON_SEEDS}
+
+
+def test_generation_with_format_json_only_writes_json_prefixes(json_answers):
+    for done in json_answers.values():
         state = run(done.text.encode("utf-8"))
-        assert state is not None
-        if done.finish_reason == "stop":
-            assert isinstance(json.loads(done.text), dict)
-        else:
-            assert done.finish_reason == "length" and done.completion_tokens == 40
+        assert state is not None, done.text
+        if done.finish_reason == "length":
+            assert done.completion_tokens == 40 and state[0] != "done"
             assert isinstance(loads(done.text.encode() + closing(state)), dict)
+
+
+def test_generation_stops_at_the_token_that_closes_the_object(json_answers):
+    closed = [done for done in json_answers.values() if done.finish_reason == "stop"]
+    assert closed, [done.text for done in json_answers.values()]
+    for done in closed:
+        assert isinstance(json.loads(done.text), dict) and done.text.endswith("}")
+        assert done.completion_tokens < 40 and len(done.token_ids) == done.completion_tokens
+        assert run(done.text.encode())[0] == "done"
+
+
+def test_generated_whitespace_keeps_to_the_caps(json_answers):
+    for done in json_answers.values():
+        text = done.text.encode("utf-8")
+        lead = len(text) - len(text.lstrip(b" \t\n\r"))
+        assert lead <= LEADING_WHITESPACE and text[lead:lead + 1] == b"{", done.text
+        assert max(whitespace_runs(text[lead:]), default=0) <= GAP_WHITESPACE, done.text
+
+
+def test_a_row_output_finishes_on_the_closing_token_of_a_non_empty_object(llama, table):
+    from mrs.constrain import constraint_for
+    from mrs.engine.generate import RowOutput
+
+    row = RowOutput(llama, prompt_len=3, max_tokens=20, stops=(), ignore_eos=False,
+                    constraint=constraint_for(llama, "json"))
+    pieces = (b"{", b'"', b"a", b'"', b":", b" ", b"[", b"1", b",", b"2", b"]", b"}")
+    for i, piece in enumerate(pieces):
+        token = next(t for t, p in enumerate(table.pieces) if p == piece)
+        row.add(token, 0.0)
+        assert row.finish == ("stop" if i == len(pieces) - 1 else None), piece
+    assert json.loads(row.text) == {"a": [1, 2]}
 
 
 def test_a_row_finishes_when_its_object_closes(llama, table):

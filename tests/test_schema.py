@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -31,8 +32,8 @@ PERSON = {
 }
 
 
-def run(text: bytes, schema=PERSON):
-    state = start_state(compile_schema(schema))
+def run(text: bytes, schema=PERSON, state=None):
+    state = start_state(compile_schema(schema)) if state is None else state
     for byte in text:
         state = schema_feed(state, byte)
         if state is None:
@@ -41,9 +42,24 @@ def run(text: bytes, schema=PERSON):
 
 
 def valid(value, schema=PERSON) -> bool:
-    """A small reference validator for the keywords PERSON uses."""
+    """A small reference validator for the keywords these tests use."""
+    def same(a, b):  # JSON equality: True is not 1, 1 is 1.0
+        if isinstance(a, bool) or isinstance(b, bool):
+            return type(a) is type(b) and a == b
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return (type(a) is type(b) or {type(a), type(b)} <= {int, float}) and a == b
+
+    if "const" in schema:
+        return same(value, schema["const"])
     if "enum" in schema:
-        return any(value == e and type(value) is type(e) for e in schema["enum"])
+        return any(same(value, e) for e in schema["enum"])
+    if "anyOf" in schema:
+        return any(valid(value, branch) for branch in schema["anyOf"])
+    if "oneOf" in schema:
+        return sum(valid(value, branch) for branch in schema["oneOf"]) == 1
     kinds = schema.get("type")
     kinds = [kinds] if isinstance(kinds, str) else kinds or []
     checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
@@ -57,8 +73,9 @@ def valid(value, schema=PERSON) -> bool:
         props = schema["properties"]
         return (set(value) <= set(props) and set(schema.get("required", ())) <= set(value)
                 and all(valid(v, props[k]) for k, v in value.items()))
-    if isinstance(value, list) and "items" in schema:
-        return len(value) <= schema.get("maxItems", len(value)) and all(valid(v, schema["items"]) for v in value)
+    if isinstance(value, list):
+        return (schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value))
+                and all(valid(v, schema.get("items", {})) for v in value))
     return True
 
 
@@ -115,10 +132,62 @@ def test_a_number_at_the_top_ends_with_whitespace():
 
 def test_bad_schemas_are_invalid_parameters():
     for bad in ({"type": "thing"}, {"enum": []}, {"type": "array", "minItems": 3, "maxItems": 1},
+                {"type": "array", "minItems": -1}, {"type": "array", "minItems": "2"},
                 {"type": "object", "properties": {"a": {}}, "required": ["b"]}, "object",
                 {"enum": [float("nan")]}, {"type": "object", "properties": {"\ud800": {}}}):
         with pytest.raises(InvalidParameterError, match="format"):
             compile_schema(bad)
+
+
+def test_min_items_refuses_to_close_a_short_array():
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3}
+    assert run(b"[]", schema) is None and run(b"[1]", schema) is None and run(b"[1, 2,", schema) is not None
+    assert run(b"[1, 2]", schema)[0] == "done" and run(b"[1, 2, 3]", schema)[0] == "done"
+    assert run(b"[1, 2, 3,", schema) is None
+
+
+def test_const_accepts_only_its_value():
+    schema = {"type": "object", "properties": {"c": {"const": {"a": [1, "x"]}}}, "required": ["c"]}
+    assert run(b'{"c": {"a": [1, "x"]}}', schema)[0] == "done"
+    for other in (b'{"c": {"a": [1, "y"]}}', b'{"c": {"a": [1]}}', b'{"c": {}}', b'{"c": 1}', b'{"c": null}'):
+        assert run(other, schema) is None, other
+
+
+@pytest.mark.parametrize("union", ["anyOf", "oneOf"])
+def test_any_of_and_one_of_of_plain_types_accept_only_those_types(union):
+    schema = {"type": "object", "properties": {"v": {union: [{"type": "integer"}, {"type": "null"}]}},
+              "required": ["v"]}
+    for good in (b'{"v": 3}', b'{"v": -12}', b'{"v": null}'):
+        assert run(good, schema)[0] == "done", good
+    for bad in (b'{"v": 3.5}', b'{"v": 1e3}', b'{"v": "3"}', b'{"v": true}', b'{"v": []}', b'{"v": {}}'):
+        state = run(bad, schema)
+        assert state is None or state[0] != "done", bad
+
+
+def test_keywords_mrs_does_not_enforce_leave_the_value_free():
+    """As documented in mrs.schema: no error, the value is only held to its type (or to
+    nothing, for a union of structured branches)."""
+    assert run(b'"b"', {"type": "string", "pattern": "^a$", "maxLength": 0})[0] == "done"
+    assert run(b'{"n": 99}', {"type": "object", "properties": {"n": {"type": "integer", "maximum": 1}},
+                              "required": ["n"]})[0] == "done"
+    union = {"anyOf": [{"type": "object", "properties": {"a": {}}}, {"type": "null"}]}
+    assert run(b'"anything"', union)[0] == "done" and run(b'[1, {"b": 2}]', union)[0] == "done"
+
+
+def test_whitespace_before_the_value_is_capped_so_an_answer_cannot_be_blank():
+    answer = b'{"name": "x", "age": 3}'
+    assert run(b"\r\n" + answer)[0] == "done" and run(b" " + answer)[0] == "done"
+    assert run(b"   " + answer) is None
+
+
+@pytest.mark.parametrize("before,after", [(b"{", b'"'), (b'{"name"', b":"), (b'{"name":', b'"'),
+                                          (b'{"name": "x"', b","), (b'{"name": "x",', b'"'),
+                                          (b'{"name": "x", "age": 3', b"}"), (b'{"tags": [', b'"'),
+                                          (b'{"tags": ["a"', b"]"), (b'{"tags": ["a",', b'"')])
+def test_whitespace_in_every_gap_is_capped_so_a_model_cannot_stall(before, after):
+    indent = b"\n" + b" " * 64      # 65 bytes: a newline and 16 levels of 4-space indentation
+    assert run(before + indent + after) is not None
+    assert run(before + indent + b" ") is None
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +204,9 @@ def test_token_walks_under_the_masks_write_only_valid_instances(llama):
         text = b""
         for _ in range(200):
             mask = constraint.allowed()
-            brute = np.array([p is not None and run(p, PERSON) is not None for p in table.pieces]) \
-                if constraint.state[0] == "value" and not constraint.state[1] else None
-            if brute is not None:
-                np.testing.assert_array_equal(mask, brute)
+            brute = np.array([p is not None and run(p, state=constraint.state) is not None
+                              for p in table.pieces])
+            np.testing.assert_array_equal(mask, brute)
             choices = np.flatnonzero(mask)
             # Prefer short tokens and closers, so that walks end.
             short = [t for t in choices if len(table.pieces[t]) == 1 and table.pieces[t] not in b" \t\n\r"]
@@ -153,10 +221,61 @@ def test_token_walks_under_the_masks_write_only_valid_instances(llama):
     assert finished >= 5
 
 
-def test_generate_with_a_schema(llama):
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    done = mrs.generate(llama, "answer", max_tokens=30, temperature=1.0, top_k=0, top_p=1.0, seed=2, format=schema)
-    state = run(done.text.encode("utf-8"), schema)
-    assert state is not None
-    if done.finish_reason == "stop":
-        assert json.loads(done.text) in ({"ok": True}, {"ok": False})
+def whitespace_runs(text: bytes) -> list[int]:
+    """The lengths of the whitespace runs between JSON tokens (strings, even an unfinished
+    one, blanked out first)."""
+    outside = re.sub(rb'"(\\.|[^"\\])*"?', b'""', text, flags=re.S)
+    return [len(run) for run in re.findall(rb"[ \t\n\r]+", outside)]
+
+
+OK = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+PAIR = {"type": "array", "items": {"enum": [0, 1]}, "minItems": 2, "maxItems": 2}
+CONST = {"type": "object", "properties": {"answer": {"const": "yes"}}, "required": ["answer"]}
+UNION = {"type": "object", "required": ["v", "w"],
+         "properties": {"v": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                        "w": {"oneOf": [{"type": "integer"}, {"type": "null"}]}}}
+SEEDS = range(4)
+
+
+def answer(model, schema, seed):
+    """The random model's answer under a schema. It pads every gap with whitespace up to
+    the cap (about 20 tokens a gap), so these short schemas need some 50-140 tokens."""
+    return mrs.generate(model, "answer", max_tokens=200, temperature=2.0, top_k=0, top_p=1.0, seed=seed,
+                        format=schema)
+
+
+@pytest.fixture(scope="module")
+def answers(llama):
+    schemas = {"ok": OK, "pair": PAIR, "const": CONST, "union": UNION}
+    return {(name, seed): answer(llama, schema, seed) for name, schema in schemas.items() for seed in SEEDS}
+
+
+@pytest.mark.parametrize("name,schema", [("ok", OK), ("pair", PAIR), ("const", CONST), ("union", UNION)])
+def test_generation_under_a_schema_stops_at_a_closed_valid_instance(answers, name, schema):
+    for seed in SEEDS:
+        done = answers[name, seed]
+        assert done.finish_reason == "stop" and done.completion_tokens < 200, (seed, done.text)
+        assert valid(json.loads(done.text), schema), (seed, done.text)
+        assert run(done.text.encode("utf-8"), schema)[0] == "done" and done.text.endswith(("}", "]"))
+        text = done.text.encode("utf-8")
+        lead = len(text) - len(text.lstrip())
+        # mrs/json_grammar.py's caps: 2 bytes before the value, 65 in any other gap.
+        assert lead <= 2 and max(whitespace_runs(text[lead:]), default=0) <= 65, (seed, done.text)
+
+
+def test_const_and_min_items_bite_during_generation(llama, answers):
+    assert all(json.loads(answers["const", seed].text) == {"answer": "yes"} for seed in SEEDS)
+    # Without minItems, seed 1 closes the array after one item; with it, the same draws go on to two.
+    free = answer(llama, {k: v for k, v in PAIR.items() if k != "minItems"}, 1)
+    assert free.finish_reason == "stop" and len(json.loads(free.text)) == 1
+    assert all(len(json.loads(answers["pair", seed].text)) == 2 for seed in SEEDS)
+
+
+def test_any_of_and_one_of_bite_during_generation(llama, answers):
+    for seed in SEEDS:
+        value = json.loads(answers["union", seed].text)
+        assert value["v"] in (True, False, None) and isinstance(value["v"], (bool, type(None)))
+        assert value["w"] is None or type(value["w"]) is int
+    # Left free, seed 2 writes a number for "v".
+    free = answer(llama, {**UNION, "properties": {"v": {}, "w": {}}}, 2)
+    assert free.finish_reason == "stop" and not isinstance(json.loads(free.text)["v"], (bool, type(None)))

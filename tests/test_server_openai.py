@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import numpy as np
 import openai
 import pytest
 from server_fixtures import API_KEY, LLAMA, check_openai_error, sse_events
+
+import mrs
+from mrs.constrain import token_bytes
 
 pytest_plugins = ["server_fixtures"]
 
@@ -94,66 +98,169 @@ def test_chat_n_returns_n_choices_with_distinct_seeds(client):
     assert r.usage.completion_tokens == 24
 
 
-def test_chat_logprobs_report_top_alternatives(client):
+@pytest.fixture(scope="module")
+def llama(live_server):
+    """The server's llama loaded in this process, as the server loads it (CPU, float32): the
+    oracle for its log-probs."""
+    return mrs.load(str(live_server.home / "test--llama"), dtype="float32", device="cpu")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def reference_logprobs(model, prompt: list[int], generated: list[int], temperature: float = 1.0):
+    """[len(generated), vocab] log_softmax(logits / T) before each generated token, from one
+    full-sequence forward pass of the in-process model (no cache, no sampler)."""
+    logits = model.logits([prompt + generated])[0]
+    return log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(generated)] / temperature)
+
+
+def greedy_ids(model, prompt: list[int], count: int) -> list[int]:
+    """The greedy continuation (mrs.generate in this process), checked against the argmax
+    of the reference log-probs."""
+    ids = mrs.generate(model, prompt, max_tokens=count, temperature=0, ignore_eos=True).token_ids
+    assert [int(np.argmax(lp)) for lp in reference_logprobs(model, prompt, ids)] == ids
+    return ids
+
+
+def top(logprobs: np.ndarray, k: int) -> list[int]:
+    return [int(i) for i in np.argsort(-logprobs, kind="stable")[:k]]
+
+
+def token_text(model, token: int) -> str:
+    return model.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def test_chat_logprobs_are_the_models_log_softmax_with_top_alternatives_in_order(client, llama):
+    assert not llama.default_system      # the server's prompt is the bare chat template
+    prompt = llama.tokenizer.encode_chat(MESSAGES)
+    generated = greedy_ids(llama, prompt, 5)
+    expected = reference_logprobs(llama, prompt, generated)
+    pieces = token_bytes(llama.tokenizer, llama.vocab_size)
     r = client.chat.completions.create(
-        model=LLAMA, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+        model=LLAMA, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
     )
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 5
     content = r.choices[0].logprobs.content
-    assert len(content) == 4
-    for entry in content:
-        assert len(entry.top_logprobs) == 2 and entry.logprob == pytest.approx(
-            entry.top_logprobs[0].logprob
-        )
-        assert entry.bytes == list(entry.token.encode())
+    assert [e.token for e in content] == [token_text(llama, t) for t in generated]
+    for entry, token, lp in zip(content, generated, expected, strict=True):
+        assert entry.logprob == pytest.approx(lp[token], abs=1e-4)
+        assert entry.bytes == list(pieces[token] or b"")   # ids past the tokenizer have no text
+        best = top(lp, 3)
+        assert [t.token for t in entry.top_logprobs] == [token_text(llama, t) for t in best]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(lp[best], abs=1e-4)
+    stream = client.chat.completions.create(
+        model=LLAMA, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3,
+        stream=True
+    )
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
 
 
-def test_json_object_response_format_needs_json_in_the_messages(client):
+@pytest.mark.xfail(strict=True, reason="mrs/server/openai.py reports the UTF-8 of the decoded text, so a "
+                   "token holding part of a character gets U+FFFD's bytes, not its own")
+def test_chat_logprob_bytes_are_each_tokens_own_bytes_even_for_part_of_a_character(client, llama):
+    pieces = token_bytes(llama.tokenizer, llama.vocab_size)
+    by_text = {}
+    for token, piece in enumerate(pieces):
+        by_text.setdefault(token_text(llama, token), set()).add(bytes(piece or b""))
+    r = client.chat.completions.create(
+        model=LLAMA, messages=MESSAGES, max_tokens=2, temperature=0, logprobs=True, top_logprobs=20
+    )
+    alternatives = [t for entry in r.choices[0].logprobs.content for t in entry.top_logprobs]
+    assert any("\ufffd" in t.token for t in alternatives)    # some alternative is part of a character
+    for t in alternatives:
+        assert bytes(t.bytes) in by_text[t.token], t
+
+
+def test_completion_logprobs_are_the_models_log_softmax_greedy_and_at_a_temperature(client, llama):
+    prompt = llama.tokenizer.encode("Once upon a time")
+    greedy = greedy_ids(llama, prompt, 6)
+    r = client.completions.create(model=LLAMA, prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    got = r.choices[0].logprobs
+    assert got.tokens == [token_text(llama, t) for t in greedy]
+    for token, value, alternatives, lp in zip(greedy, got.token_logprobs, got.top_logprobs,
+                                              reference_logprobs(llama, prompt, greedy), strict=True):
+        assert value == pytest.approx(lp[token], abs=1e-4)
+        best = top(lp, 3)
+        assert list(alternatives) == [token_text(llama, t) for t in best]
+        assert list(alternatives.values()) == pytest.approx(lp[best], abs=1e-4)
+    # A sampling row reports the log-probs of what it draws from, log_softmax(logits / T)
+    # (mrs/sampling.py). Which tokens seed 3 draws comes from mrs.generate in this process.
+    drawn = mrs.generate(llama, prompt, max_tokens=6, temperature=0.5, top_k=0, top_p=1.0, min_p=0.0,
+                         seed=3, ignore_eos=True).token_ids
+    r = client.completions.create(
+        model=LLAMA, prompt=prompt, max_tokens=6, temperature=0.5, seed=3, logprobs=2
+    )
+    got = r.choices[0].logprobs
+    assert got.tokens == [token_text(llama, t) for t in drawn]
+    for token, value, alternatives, lp in zip(drawn, got.token_logprobs, got.top_logprobs,
+                                              reference_logprobs(llama, prompt, drawn, 0.5), strict=True):
+        assert value == pytest.approx(lp[token], abs=1e-4)
+        assert list(alternatives.values()) == pytest.approx(lp[top(lp, 2)], abs=1e-4)
+
+
+# mrs/json_grammar.py's caps, written out: before the object, and in any other gap.
+LEADING_WHITESPACE, GAP_WHITESPACE = 2, 65
+
+
+def check_json_answer(text: str, feed_byte, state) -> None:
+    """Every byte continues the JSON (or schema) automaton, and whitespace keeps to the caps."""
+    data = text.encode("utf-8")
+    lead = len(data) - len(data.lstrip())
+    assert lead <= LEADING_WHITESPACE and data[lead:lead + 1] == b"{", text
+    for byte in data:
+        state = feed_byte(state, byte)
+        assert state is not None, text
+    outside_strings = re.sub(rb'"(\\.|[^"\\])*"?', b'""', data, flags=re.S)
+    assert all(len(run) <= GAP_WHITESPACE for run in re.findall(rb"[ \t\n\r]+", outside_strings)), text
+
+
+def test_json_object_response_format_needs_json_in_the_messages_and_closes_the_object(client):
+    from mrs.constrain import START, feed
+
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
             model=LLAMA, messages=MESSAGES, max_tokens=4, response_format={"type": "json_object"}
         )
+    asked = [{"role": "user", "content": "Answer in JSON"}]
     r = client.chat.completions.create(
-        model=LLAMA,
-        messages=[{"role": "user", "content": "Answer in JSON"}],
-        max_tokens=16,
-        response_format={"type": "json_object"},
-        temperature=1.0,
-        seed=4,
+        model=LLAMA, messages=asked, max_tokens=40, n=6, seed=0, temperature=1.0,
+        response_format={"type": "json_object"}
     )
-    assert r.choices[0].finish_reason in ("stop", "length")
-    assert is_json_prefix(r.choices[0].message.content)
-    stream = client.chat.completions.create(
-        model=LLAMA, messages=[{"role": "user", "content": "JSON please"}], max_tokens=16,
-        response_format={"type": "json_object"}, temperature=1.0, seed=5, stream=True)
-    assert is_json_prefix("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+    for choice in r.choices:
+        check_json_answer(choice.message.content, feed, START)
+    # The random model mostly wanders into a string it never closes; a few seeds close (on "{}").
+    closed = [c for c in r.choices if c.finish_reason == "stop"]
+    assert closed, [c.message.content for c in r.choices]
+    for choice in closed:
+        assert isinstance(json.loads(choice.message.content), dict) and choice.message.content.endswith("}")
+    chunks = list(client.chat.completions.create(
+        model=LLAMA, messages=asked, max_tokens=40, seed=closed[0].index, temperature=1.0, stream=True,
+        response_format={"type": "json_object"}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == closed[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
-def test_json_schema_response_format_constrains_the_reply(client):
+def test_json_schema_response_format_answers_a_valid_closed_instance(client):
     from mrs.schema import compile_schema, schema_feed, start_state
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    # The random model pads every gap with whitespace up to the cap: some 50 tokens here.
     r = client.chat.completions.create(
-        model=LLAMA, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=6,
+        model=LLAMA, messages=MESSAGES, max_tokens=200, n=4, temperature=2.0, seed=0,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
-    state = start_state(compile_schema(schema))
-    for byte in r.choices[0].message.content.encode("utf-8"):
-        state = schema_feed(state, byte)
-        assert state is not None
+    for choice in r.choices:
+        check_json_answer(choice.message.content, schema_feed, start_state(compile_schema(schema)))
+        assert choice.finish_reason == "stop", choice.message.content
+        assert json.loads(choice.message.content) in ({"ok": True}, {"ok": False})
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=LLAMA, messages=MESSAGES, max_tokens=4,
                                        response_format={"type": "json_schema", "json_schema": {"name": "x"}})
-
-
-def is_json_prefix(text: str) -> bool:
-    """The text starts a JSON object: the JSON automaton accepts every byte of it."""
-    from mrs.constrain import START, feed
-
-    state = START
-    for byte in text.encode("utf-8"):
-        state = feed(state, byte)
-        if state is None:
-            return False
-    return text.strip() == "" or text.lstrip().startswith("{")
 
 
 def test_completions_text_stream_and_echo(client):
