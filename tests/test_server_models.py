@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
 import time
@@ -17,16 +18,19 @@ from mrs.errors import InvalidModelNameError, ModelNotFoundError
 
 
 class FakeLoader:
-    """Loads instantly, or blocks a named model until released; counts loads."""
+    """Loads instantly, or blocks a named model until released; counts loads and says when
+    each model's load began (``entered``), so a test can wait for it instead of sleeping."""
 
     def __init__(self) -> None:
         self.loads: list[str] = []
         self.gates: dict[str, threading.Event] = {}
+        self.entered: dict[str, threading.Event] = collections.defaultdict(threading.Event)
         self.fail: set[str] = set()
 
     def __call__(self, path: Path, **_):
         name = path.name
         self.loads.append(name)
+        self.entered[name].set()
         gate = self.gates.get(name)
         if gate is not None:
             assert gate.wait(10)
@@ -49,6 +53,15 @@ def manager(home: Path, loader: FakeLoader, **kwargs) -> ModelManager:
     return ModelManager(home, loader=loader, warmup=False, **{"max_loaded": 2, **kwargs})
 
 
+async def load_began(loader: FakeLoader, folder: str) -> None:
+    """Wait (off the event loop, which must keep running the loads) until ``folder``'s load began.
+
+    Every task created before this call has then run up to its first wait: the one that
+    loads is inside the loader, the others wait on its load."""
+    began = await asyncio.get_running_loop().run_in_executor(None, loader.entered[folder].wait, 10)
+    assert began, f"the load of {folder} never began"
+
+
 def test_names_resolve_inside_the_models_directory_only(home):
     assert resolve_name(home, "org/a:latest") == ("org/a", (home / "org--a").resolve())
     for bad in ("../org--a", "/etc", "org/a/../../x", "org--a", ".hidden"):
@@ -66,7 +79,8 @@ def test_concurrent_requests_for_one_model_share_one_load(home):
         m = manager(home, loader)
         first = asyncio.create_task(m.acquire("org/a"))
         second = asyncio.create_task(m.acquire("org/a"))
-        await asyncio.sleep(0.05)
+        await load_began(loader, "org--a")
+        assert not second.done()  # it waits on the first one's load
         gate.set()
         (one, _), (two, _) = await asyncio.gather(first, second)
         assert one is two
@@ -84,10 +98,11 @@ def test_loading_a_model_does_not_block_requests_for_a_loaded_one(home):
         await m.acquire("org/a")
         loader.gates["org--b"] = gate = threading.Event()
         slow = asyncio.create_task(m.acquire("org/b"))
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
-        loaded, seconds = await m.acquire("org/a")  # while org/b is still loading
-        assert loaded.name == "org/a" and seconds == 0 and time.monotonic() - started < 0.5
+        await load_began(loader, "org--b")
+        # org/b's gate stays shut until below: were this acquire to wait on that load, it
+        # would time out here.
+        loaded, seconds = await asyncio.wait_for(m.acquire("org/a"), 5)
+        assert loaded.name == "org/a" and seconds == 0
         assert not slow.done() and m.loading == 1
         gate.set()
         await slow
@@ -153,14 +168,15 @@ def test_an_expired_keep_alive_unloads_the_model(home):
     async def main():
         m = manager(home, loader)
         m.start(interval=0.02)
-        async with m.use("org/a", keep_alive=0.05):
-            await asyncio.sleep(0.15)
-            assert m.get_loaded("org/a") is not None  # never while in use
-        for _ in range(100):
-            if m.get_loaded("org/a") is None:
-                break
+        async with m.use("org/a", keep_alive=0.05) as (loaded, _):
+            # Past its expiry by several reaper rounds, and still loaded: never while in use.
+            while time.time() < loaded.expires_at + 5 * 0.02:
+                await asyncio.sleep(0.02)
+            assert m.get_loaded("org/a") is not None
+        deadline = time.monotonic() + 5
+        while m.get_loaded("org/a") is not None:
+            assert time.monotonic() < deadline, "an expired keep_alive never unloaded the model"
             await asyncio.sleep(0.02)
-        assert m.get_loaded("org/a") is None
         await m.close()
 
     asyncio.run(main())
@@ -174,7 +190,7 @@ def test_a_failed_load_reaches_every_waiter_and_the_next_request_retries(home):
     async def main():
         m = manager(home, loader)
         tasks = [asyncio.create_task(m.acquire("org/a")) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await load_began(loader, "org--a")
         gate.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(r, RuntimeError) for r in results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import ollama
 import pytest
 from server_fixtures import (
@@ -13,12 +14,18 @@ from server_fixtures import (
     LLAMA,
     OLLAMA_MODEL,
     OLLAMA_SYSTEM,
+    OPTION_EFFECTS,
+    RAW_EMBEDDER,
+    SAMPLED,
     check_ollama_chunk,
     check_ollama_error,
     check_types,
     is_rfc3339,
     ndjson_lines,
+    with_option,
 )
+
+import mrs
 
 pytest_plugins = ["server_fixtures"]
 
@@ -74,19 +81,22 @@ def test_generate_stream_is_ndjson_and_missing_stream_means_streaming(live_serve
         check_ollama_chunk(line, chat=False)
 
 
-def test_format_json_and_a_schema_constrain_the_answer(client):
+def test_format_json_and_a_schema_constrain_the_answer_as_mrs_generate_does(client, llama_here):
     from mrs.constrain import START, feed
     from mrs.schema import compile_schema, schema_feed, start_state
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     for fmt, step, state in (("json", feed, START), (schema, schema_feed, start_state(compile_schema(schema)))):
+        options = {"temperature": 1.0, "seed": 7}
         r = client.generate(model=LLAMA, prompt="Reply in JSON", format=fmt,
-                            options={"temperature": 1.0, "seed": 7, "num_predict": 16})
+                            options={**options, "num_predict": 16})
+        expected = mrs.generate(llama_here, [{"role": "user", "content": "Reply in JSON"}], format=fmt,
+                                max_tokens=16, **options)
+        assert r.response == expected.text and r.done_reason == expected.finish_reason
+        assert r.response.lstrip().startswith("{"), r.response  # an object began within 16 tokens
         for byte in r.response.encode("utf-8"):
             state = step(state, byte)
             assert state is not None, r.response
-        assert r.response.strip() == "" or r.response.lstrip().startswith("{")
-        assert r.done_reason in ("stop", "length")
 
 
 def test_a_bad_schema_is_400(live_server):
@@ -102,15 +112,32 @@ def test_generate_with_a_stop_string_ends_before_it(client):
     assert r.done_reason == "stop" and r.response == text[: text.index(stop)]
 
 
-def test_generate_context_continues_a_conversation(client):
+def test_generate_context_continues_as_generating_from_the_joined_ids(client, llama_here):
+    """``context`` (the prompt and answer ids of an earlier response) goes first: the new
+    prompt's ids follow it — raw text without a second BOS, else the rendered user turn —
+    and the answer is mrs.generate's from those joined ids."""
+    tokenizer = llama_here.tokenizer
     first = client.generate(model=LLAMA, prompt="Hi", raw=True, options=GREEDY)
-    second = client.generate(
-        model=LLAMA, prompt=" and", raw=True, context=first.context, options=GREEDY
-    )
-    assert (
-        second.prompt_eval_count > len(first.context)
-        and second.context[: len(first.context)] == first.context
-    )
+    alone = mrs.generate(llama_here, tokenizer.encode("Hi"), max_tokens=12, temperature=0)
+    assert first.context == tokenizer.encode("Hi") + alone.token_ids and first.response == alone.text
+    for raw, then in ((True, tokenizer.encode(" and", add_special_tokens=False)),
+                      (False, tokenizer.encode_chat([{"role": "user", "content": " and"}]))):
+        second = client.generate(model=LLAMA, prompt=" and", raw=raw, context=first.context, options=GREEDY)
+        joined = first.context + then
+        expected = mrs.generate(llama_here, joined, max_tokens=12, temperature=0)
+        assert second.prompt_eval_count == len(joined)
+        assert second.context == joined + expected.token_ids and second.response == expected.text
+
+
+@pytest.mark.parametrize("option", OPTION_EFFECTS)
+def test_each_sampling_option_reaches_the_sampler(client, llama_here, option):
+    """Ollama's ``options`` give the tokens mrs.generate gives with the same options and
+    seed, and the option changes them: a server that dropped it would answer the others."""
+    prompt = llama_here.tokenizer.encode("Once upon a time")
+    expected = with_option(llama_here, prompt, option)
+    r = client.generate(model=LLAMA, prompt="Once upon a time", raw=True,
+                        options={**SAMPLED, **OPTION_EFFECTS[option][0], "num_predict": 16})
+    assert r.context == prompt + expected.token_ids and r.response == expected.text
 
 
 def test_empty_prompt_loads_the_model(client):
@@ -301,15 +328,19 @@ def test_pull_of_an_hf_co_quant_fetches_that_gguf_and_it_runs_by_the_same_name(c
 
 
 def test_a_pull_stops_when_its_client_leaves_and_the_next_pull_resumes(client, live_server):
+    from filelock import FileLock
+
     live_server.hub.add_folder("acme/slow", live_server.home / "test--llama")
     live_server.hub.faults["model.safetensors"] = ["slow"]
     with live_server.client() as c, c.stream("POST", "/api/pull", json={"model": "acme/slow"}) as r:
         for line in r.iter_lines():
             if '"pulling model.safetensors"' in line:
                 break                                           # leave mid-download
-    time.sleep(3.0)                                             # longer than the whole slow download
-    assert not (live_server.home / "acme--slow").exists()
-    assert (live_server.home / ".partial-acme--slow").is_dir()
+    # A pull holds this lock (mrs.hub.pull) from its manifest to its install: once this test
+    # gets it, the server's pull has ended, stopped or done.
+    with FileLock(str(live_server.home / ".acme--slow.lock"), timeout=60):
+        assert not (live_server.home / "acme--slow").exists()   # stopped: never installed
+        assert (live_server.home / ".partial-acme--slow").is_dir()
     assert client.pull("acme/slow").status == "success"
     assert "acme/slow" in [m.model for m in client.list().models]
     client.delete("acme/slow")
@@ -384,24 +415,40 @@ def test_steady_state_never_recompiles(client, live_server):
     assert live_server.batch_stats()["compiled"] == before
 
 
-def test_embed_is_normalised_and_legacy_embeddings_is_not(client, embedder):
-    r = client.embed(
-        model=embedder, input=["The quick brown fox.", "A journey of a thousand miles."]
-    )
-    assert len(r.embeddings) == 2 and len(r.embeddings[0]) == 384
-    assert r.prompt_eval_count > 0 and r.total_duration > 0
-    for v in r.embeddings:
-        assert sum(x * x for x in v) == pytest.approx(1.0, abs=1e-4)
-    single = client.embed(model=embedder, input="The quick brown fox.")
-    assert single.embeddings[0] == pytest.approx(r.embeddings[0], abs=1e-5)
-    short = client.embed(model=embedder, input="The quick brown fox.", dimensions=64)
-    assert len(short.embeddings[0]) == 64 and sum(
-        x * x for x in short.embeddings[0]
-    ) == pytest.approx(1, abs=1e-4)
-    legacy = client.embeddings(model=embedder, prompt="The quick brown fox.")
-    assert len(legacy.embedding) == 384
+TEXTS = ["The quick brown fox.", "A journey of a thousand miles."]
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def test_embed_normalises_mrs_embed_and_legacy_embeddings_returns_it_as_is(client, embedder,
+                                                                          raw_embedder_here):
+    """/api/embed L2-normalises the model's pipeline output (mrs.embed); the legacy
+    /api/embeddings returns that output as it is, as Ollama's does (its route adds no
+    normalisation). all-MiniLM-L6-v2's pipeline ends in Normalize, so both give unit
+    vectors there; RAW_EMBEDDER, the same weights without it, shows the difference."""
+    from mrs.embedding import embed_texts
+
+    reference = embed_texts(raw_embedder_here, TEXTS)
+    raw = np.asarray(reference.vectors)
+    assert np.all(np.abs(np.linalg.norm(raw, axis=1) - 1) > 0.5)  # far from unit length
+    for model, pipeline in ((embedder, unit(raw)), (RAW_EMBEDDER, raw)):
+        r = client.embed(model=model, input=TEXTS)
+        np.testing.assert_allclose(r.embeddings, unit(raw), rtol=1e-5, atol=1e-5)
+        assert r.prompt_eval_count == sum(reference.token_counts)
+        assert r.total_duration > 0
+        for text, expected in zip(TEXTS, pipeline, strict=True):
+            legacy = client.embeddings(model=model, prompt=text)
+            np.testing.assert_allclose(legacy.embedding, expected, rtol=1e-5, atol=1e-5)
+        single = client.embed(model=model, input=TEXTS[0])
+        np.testing.assert_allclose(single.embeddings[0], unit(raw[0]), rtol=1e-5, atol=1e-5)
+        short = client.embed(model=model, input=TEXTS[0], dimensions=64)   # Matryoshka: cut, renormalise
+        np.testing.assert_allclose(short.embeddings[0], unit(raw[0, :64]), rtol=1e-5, atol=1e-5)
+    client.embed(model=RAW_EMBEDDER, input=[], keep_alive=0)   # unload: its slot is for other tests
     long = "word " * 600
-    assert len(client.embed(model=embedder, input=long).embeddings[0]) == 384  # truncated by default
+    np.testing.assert_allclose(client.embed(model=embedder, input=long).embeddings[0],  # truncated by default
+                               unit(mrs.embed(raw_embedder_here, long)[0]), rtol=1e-5, atol=1e-5)
     with pytest.raises(ollama.ResponseError) as e:
         client.embed(model=embedder, input=long, truncate=False)
     assert e.value.status_code == 400

@@ -3,6 +3,10 @@
     build_app(settings) -> Sanic        # routes, errors, auth, CORS, lifecycle
     serve(settings, models, preload)    # blocking; single process (JAX never forks)
 
+`serve` binds the listening socket itself, so port 0 means "any free port": once the
+server is up it prints ``mrs serving <home> on http://HOST:PORT`` (stderr) with the
+port it got, which is how a test or supervisor learns it without racing for a port.
+
 JAX must not be initialised before a fork, so the server runs single-process and
 everything that touches JAX (the model manager and its batchers) is created inside the
 serving process by the server's listeners. Each model's decode loop runs in its own
@@ -14,6 +18,8 @@ from __future__ import annotations
 import hmac
 import itertools
 import logging
+import socket
+import sys
 from collections.abc import Sequence
 
 from sanic import Request, Sanic
@@ -108,8 +114,31 @@ async def _preload(app: Sanic) -> None:
 def serve(settings: Settings, models: Sequence[str] = (), preload: bool = False) -> None:
     """Run the server until interrupted (blocking, single process)."""
     app = build_app(settings, models, preload)
-    log.info("mrs serving %s on http://%s:%d", settings.home, settings.host, settings.port)
-    app.run(host=settings.host, port=settings.port, single_process=True, access_log=False, debug=False)
+    sock = listen(settings.host, settings.port)
+    url = address_url(sock)
+
+    @app.after_server_start
+    async def _announce(app: Sanic) -> None:
+        print(f"mrs serving {settings.home} on {url}", file=sys.stderr, flush=True)
+
+    try:
+        app.run(sock=sock, single_process=True, access_log=False, debug=False)
+    finally:
+        sock.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: one the system picks)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=100)
+    except OSError as e:
+        raise MrsError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
+def address_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -263,6 +263,8 @@ async def embed(request: Request) -> HTTPResponse:
 
 
 async def embeddings_legacy(request: Request) -> HTTPResponse:
+    """The deprecated single-prompt route: the pipeline's vector as is, not L2-normalised
+    (Ollama's EmbeddingsHandler returns the runner's output; only /api/embed normalises)."""
     body = parse_body(request.body)
     name = get_model(body, "model")
     prompt = get_str(body, "prompt", "")
