@@ -498,9 +498,10 @@ class CLI:
         """Serve models over HTTP: the Ollama API (/api/*), the OpenAI API (/v1/*) and mrs's own routes.
 
         Args:
-            model: model(s) to offer, comma-separated (default: every model in the models directory).
+            model: default model(s), comma-separated: what a request naming no model gets, and
+                what --preload loads (every model in the models directory is served either way).
             host: address to listen on (default 127.0.0.1, MRS_HOST).
-            port: port (default 11434, MRS_PORT).
+            port: port (default 11434, MRS_PORT; 0 = any free port, printed when serving).
             max_batch: requests decoded together per model (default 8, MRS_MAX_BATCH).
             preload: load the models before accepting requests.
         """

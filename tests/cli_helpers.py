@@ -10,20 +10,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_process import REPO
 from hub_server import FakeHub
 
 
 @pytest.fixture(scope="session")
-def llama_dir(request) -> Path:
+def llama_dir(fixture_path) -> Path:
     """The tiny Llama fixture folder (ChatML chat template), built by scripts/make_fixtures.py."""
-    try:
-        return Path(request.getfixturevalue("fixture_path")("llama"))
-    except pytest.FixtureLookupError:
-        path = REPO / ".fixtures" / "llama"
-        if not (path / "config.json").is_file():
-            pytest.skip("no .fixtures/llama: run scripts/make_fixtures.py")
-        return path
+    return fixture_path("llama")
 
 
 @pytest.fixture(scope="session")

