@@ -18,6 +18,7 @@ from sanic import Request
 from sanic.response import HTTPResponse
 
 from mrs import store
+from mrs.constrain import token_table
 from mrs.engine.generate import with_default_system
 from mrs.engine.models import Loaded
 from mrs.errors import InvalidParameterError, MrsError
@@ -100,9 +101,14 @@ def _response_format(body: dict, messages: list[dict]) -> str | dict | None:
 
 
 def _chat_logprobs(model: Any, tokens) -> dict:
+    # A token's own bytes, not its decoded text's: a token holding part of a character
+    # decodes to U+FFFD, and a client joins the bytes of consecutive tokens to rebuild it.
+    pieces = token_table(model.tokenizer, model.vocab_size).pieces if model.tokenizer else []
+
     def one(token_id: int, logprob: float) -> dict:
         text = token_text(model, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        piece = pieces[token_id] if 0 <= token_id < len(pieces) else None
+        return {"token": text, "logprob": logprob, "bytes": list(piece if piece is not None else text.encode("utf-8"))}
 
     return {"content": [one(t.id, t.logprob) | {"top_logprobs": [one(i, lp) for i, lp in t.top]} for t in tokens],
             "refusal": None}
