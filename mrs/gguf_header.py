@@ -28,6 +28,7 @@ SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "
 STRING, ARRAY = 8, 9
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,22 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """An array of strings in one tight loop: a vocabulary holds up to ~260k of them."""
+        buffer, at, end, out = self.buffer, self.at, len(self.buffer), []
+        length_at = _U64.unpack_from
+        for _ in range(count):
+            if at + 8 > end:
+                raise WeightsError(f"GGUF file {self.name} ends inside its header (truncated download? fetch it again)")
+            (length,) = length_at(buffer, at)
+            at += 8
+            if at + length > end:
+                raise WeightsError(f"GGUF file {self.name} ends inside its header (truncated download? fetch it again)")
+            out.append(str(buffer[at:at + length], "utf-8", "replace"))
+            at += length
+        self.at = at
+        return out
+
     def value(self, kind: int) -> Any:
         if kind in SCALARS:
             return self.take(SCALARS[kind])
@@ -85,6 +102,8 @@ class _Cursor:
                 values = np.frombuffer(self.buffer, dtype=np.dtype("<" + fmt), count=count, offset=self.at).tolist()
                 self.at += size
                 return values
+            if item == STRING:
+                return self.strings(count)
             return [self.value(item) for _ in range(count)]
         raise WeightsError(f"GGUF file {self.name} has a metadata value of unknown type {kind}")
 

@@ -171,6 +171,16 @@ def test_bad_gguf_files_are_one_clear_error(written, tmp_path, capsys):
     header_only.write_bytes(data[:64])
     with pytest.raises(WeightsError):
         mrs.load(header_only)
+    # Cut inside the vocabulary's string array, and a string there claiming more bytes than the file has
+    in_vocab = tmp_path / "in_vocab.gguf"
+    tokens_at = data.index(b"tokenizer.ggml.tokens")
+    in_vocab.write_bytes(data[:tokens_at + 200])
+    first_string = tokens_at + len(b"tokenizer.ggml.tokens") + 4 + 4 + 8      # type, item type, count
+    too_long = tmp_path / "too_long.gguf"
+    too_long.write_bytes(data[:first_string] + (2**40).to_bytes(8, "little") + data[first_string + 8:])
+    for bad in (in_vocab, too_long):
+        with pytest.raises(WeightsError, match="ends inside its header"):
+            mrs.load(bad)
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"not a gguf file at all")
     with pytest.raises(NotAModelError, match="GGUF"):
