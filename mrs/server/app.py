@@ -20,6 +20,7 @@ import itertools
 import logging
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 from sanic import Request, Sanic
@@ -36,7 +37,7 @@ from mrs.errors import (
     ModelNotFoundError,
     MrsError,
 )
-from mrs.server import native, ollama, openai
+from mrs.server import metrics, native, ollama, openai
 from mrs.server.common import error_response
 from mrs.server.schemas import parse_duration
 
@@ -73,9 +74,11 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
     ollama.register(app)
     openai.register(app)
     native.register(app)
+    metrics.register(app)
 
     app.on_request(_preflight_and_auth)
     app.on_response(_cors)
+    app.on_response(lambda request, response: request.app.ctx.metrics.response(request, response))
     app.error_handler.add(Exception, _handle_error)
 
     @app.before_server_start
@@ -149,6 +152,7 @@ ALLOW_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 
 
 async def _preflight_and_auth(request: Request) -> HTTPResponse | None:
+    request.ctx.metrics_started = time.perf_counter()
     if request.method == "OPTIONS":
         return HTTPResponse(status=204, headers={"Allow": ALLOW_METHODS})
     key = request.app.ctx.settings.api_key

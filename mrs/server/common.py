@@ -130,9 +130,9 @@ class Generation:
     is still running, which frees its slot at the batcher's next step.
     """
 
-    def __init__(self, loaded: Loaded, prompts: Sequence[Sequence[int]], opts: GenOptions):
+    def __init__(self, loaded: Loaded, prompts: Sequence[Sequence[int]], opts: GenOptions, metrics: Any = None):
         opts = opts.with_defaults(getattr(loaded.model, "default_options", None))
-        self.loaded, self.opts = loaded, opts
+        self.loaded, self.opts, self.metrics = loaded, opts, metrics
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.requests: list[BatchRequest] = []
@@ -176,6 +176,10 @@ class Generation:
                 raise event.error if isinstance(event.error, MrsError) else MrsError(str(event.error))
             if event.done is not None:
                 self.remaining -= 1
+                if self.metrics is not None:
+                    self.metrics.completion(self.loaded.name, event.done, event.queued_seconds)
+                    if not self.remaining:
+                        self.metrics.generation(self.loaded.name, time.perf_counter() - self.started)
             yield index, event
 
     def cancel(self) -> None:

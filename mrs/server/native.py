@@ -89,7 +89,7 @@ async def _generation(request: Request, prompts: list[str] | None = None) -> Asy
     name = default_model(request, body)
     async with request.app.ctx.manager.use(name) as (loaded, _):
         require_causal(loaded, name)
-        gen = Generation(loaded, [prompt_ids(loaded, name, p, system=system) for p in prompts], opts).start()
+        gen = Generation(loaded, [prompt_ids(loaded, name, p, system=system) for p in prompts], opts, request.app.ctx.metrics).start()
         try:
             yield name, gen
         finally:

@@ -204,7 +204,7 @@ async def _run(request: Request, name: str, keep: float, opts, stream: bool, *, 
     async with manager.use(name, keep) as (loaded, load_seconds):
         require_causal(loaded, name)
         ids = build(loaded)
-        gen = Generation(loaded, [ids], opts).start()
+        gen = Generation(loaded, [ids], opts, request.app.ctx.metrics).start()
         try:
             if not stream:
                 result = (await collect(gen))[0]

@@ -147,7 +147,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         if not tokenizer.chat_template:
             raise UnsupportedFeatureError(f"model '{name}' has no chat template; use /v1/completions")
         ids = tokenizer.encode_chat(with_default_system(loaded.model, messages))
-        gen = Generation(loaded, [ids], opts).start()
+        gen = Generation(loaded, [ids], opts, request.app.ctx.metrics).start()
         try:
             if not stream:
                 results = await collect(gen)
@@ -244,7 +244,7 @@ async def completions(request: Request) -> HTTPResponse | None:
     async with request.app.ctx.manager.use(name) as (loaded, _):
         require_causal(loaded, name)
         ids = _prompts(loaded, name, body["prompt"])
-        gen = Generation(loaded, ids, opts).start()
+        gen = Generation(loaded, ids, opts, request.app.ctx.metrics).start()
         raw = body["prompt"] if isinstance(body["prompt"], list) and isinstance(body["prompt"][0], (str, list)) \
             else [body["prompt"]]
         prefix = {i: _echo_text(loaded, raw[i // opts.n], ids[i // opts.n]) if echo else ""
