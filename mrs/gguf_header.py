@@ -55,7 +55,7 @@ class _Cursor:
     def take(self, fmt: str) -> Any:
         size = struct.calcsize("<" + fmt)
         if self.at + size > len(self.buffer):
-            raise WeightsError(f"GGUF file {self.name} ends inside its header (truncated download? fetch it again)")
+            raise self.truncated()
         value = struct.unpack_from("<" + fmt, self.buffer, self.at)
         self.at += size
         return value[0] if len(value) == 1 else value
@@ -63,7 +63,7 @@ class _Cursor:
     def string(self) -> str:
         length = self.take("Q")
         if self.at + length > len(self.buffer):
-            raise WeightsError(f"GGUF file {self.name} ends inside its header (truncated download? fetch it again)")
+            raise self.truncated()
         raw = bytes(self.buffer[self.at:self.at + length])
         self.at += length
         try:
@@ -71,17 +71,20 @@ class _Cursor:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
+    def truncated(self) -> WeightsError:
+        return WeightsError(f"GGUF file {self.name} ends inside its header (truncated download? fetch it again)")
+
     def strings(self, count: int) -> list[str]:
         """An array of strings in one tight loop: a vocabulary holds up to ~260k of them."""
         buffer, at, end, out = self.buffer, self.at, len(self.buffer), []
         length_at = _U64.unpack_from
         for _ in range(count):
             if at + 8 > end:
-                raise WeightsError(f"GGUF file {self.name} ends inside its header (truncated download? fetch it again)")
+                raise self.truncated()
             (length,) = length_at(buffer, at)
             at += 8
             if at + length > end:
-                raise WeightsError(f"GGUF file {self.name} ends inside its header (truncated download? fetch it again)")
+                raise self.truncated()
             out.append(str(buffer[at:at + length], "utf-8", "replace"))
             at += length
         self.at = at
@@ -98,7 +101,7 @@ class _Cursor:
                 fmt = SCALARS[item]
                 size = struct.calcsize(fmt) * count
                 if self.at + size > len(self.buffer):
-                    raise WeightsError(f"GGUF file {self.name} ends inside its header (truncated download?)")
+                    raise self.truncated()
                 values = np.frombuffer(self.buffer, dtype=np.dtype("<" + fmt), count=count, offset=self.at).tolist()
                 self.at += size
                 return values

@@ -20,7 +20,6 @@ import itertools
 import logging
 import socket
 import sys
-import time
 from collections.abc import Sequence
 
 from sanic import Request, Sanic
@@ -78,7 +77,6 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
 
     app.on_request(_preflight_and_auth)
     app.on_response(_cors)
-    app.on_response(lambda request, response: request.app.ctx.metrics.response(request, response))
     app.error_handler.add(Exception, _handle_error)
 
     @app.before_server_start
@@ -152,7 +150,6 @@ ALLOW_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 
 
 async def _preflight_and_auth(request: Request) -> HTTPResponse | None:
-    request.ctx.metrics_started = time.perf_counter()
     if request.method == "OPTIONS":
         return HTTPResponse(status=204, headers={"Allow": ALLOW_METHODS})
     key = request.app.ctx.settings.api_key

@@ -107,7 +107,15 @@ async def metrics_route(request: Request) -> HTTPResponse:
 
 
 def register(app) -> None:
+    """The route, and the middleware that times and counts every request (registered
+    before the auth middleware, so refused requests are timed too)."""
     from mrs.server.common import add_route
 
     app.ctx.metrics = Metrics(lambda: app.ctx.manager)
     add_route(app, metrics_route, "/metrics", "GET")
+    app.on_request(_start_clock)
+    app.on_response(lambda request, response: request.app.ctx.metrics.response(request, response))
+
+
+def _start_clock(request: Request) -> None:
+    request.ctx.metrics_started = time.perf_counter()
