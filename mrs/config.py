@@ -52,6 +52,7 @@ class Settings:
     mirror: str = ""
     max_context: int = 4096
     max_queue: int = 64
+    prefix_reuse: bool = True
     max_body_bytes: int = 10_000_000
     cors_origins: str = ""
     compile_cache: str = field(default_factory=lambda: str(compile_cache.default_root()))
@@ -168,6 +169,8 @@ DESCRIPTIONS = {
     "mirror": "Hugging Face Hub endpoint for pull and search (a mirror); empty: huggingface.co or HF_ENDPOINT",
     "max_context": "longest context (tokens) the server allocates per request",
     "max_queue": "requests the server queues before answering 503",
+    "prefix_reuse": "the server reuses a finished request's cached prefix for the next request that "
+                    "starts with it (off: every request prefills its whole prompt)",
     "max_body_bytes": "largest request body the server accepts",
     "cors_origins": "comma-separated origins allowed by the server's CORS headers",
     "compile_cache": "folder where compiled steps persist between runs (off: compile in every process); "

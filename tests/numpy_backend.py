@@ -127,7 +127,8 @@ class ToySteps:
     def prefill_slot(self, width, cache):
         def run(cache, tokens, positions, slot, sampling, history, step, allowed):
             self.calls["prefill_slot"] += 1
-            cache.last[slot], cache.lengths[slot] = 0, 0
+            valid = np.asarray(positions)[0]
+            cache.lengths[slot] = valid[valid >= 0].min()  # continue from the first position
             logits = self._run(cache, np.array([slot]), np.asarray(tokens), np.asarray(positions))
             return Pending(self._sample(logits, sampling, np.zeros(1, int), step, allowed)), cache
 

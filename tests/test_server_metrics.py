@@ -61,6 +61,21 @@ def test_a_stream_is_counted_and_timed_to_its_end(live_server):
     assert after[("mrs_busy_slots", (("model", LLAMA),))] == 0 and after[("mrs_queue_depth", (("model", LLAMA),))] == 0
 
 
+def test_reused_prompt_tokens_are_counted_and_the_tokens_held_for_reuse_gauged(live_server):
+    before = scrape(live_server)
+    body = {"prompt": "A prefix that the second request repeats", "model": LLAMA, "max_tokens": 5,
+            "temperature": 0}
+    with live_server.client() as c:
+        first, second = (c.post("/v1/generate", json=body).json() for _ in range(2))
+    assert second["text"] == first["text"]
+    assert second["cached_tokens"] == second["prompt_tokens"] - 1    # all but the token that starts decoding
+    after = scrape(live_server)
+    assert moved(before, after, "mrs_cached_prompt_tokens_total", model=LLAMA) == \
+        first["cached_tokens"] + second["cached_tokens"]
+    # At least the second request's slot holds its prompt and the tokens decode fed it.
+    assert after[("mrs_cached_prefix_tokens", (("model", LLAMA),))] >= second["prompt_tokens"] + 4
+
+
 def test_live_gauges_read_each_loaded_models_batcher_at_scrape_time():
     from types import SimpleNamespace
 
@@ -68,7 +83,7 @@ def test_live_gauges_read_each_loaded_models_batcher_at_scrape_time():
 
     from mrs.server.metrics import Metrics
 
-    stats = {"slots": 4, "busy": 3, "queued": 5}
+    stats = {"slots": 4, "busy": 3, "queued": 5, "cached": 40}
     decoder = SimpleNamespace(name="a/decoder", batcher=SimpleNamespace(stats=lambda: dict(stats)))
     embedder = SimpleNamespace(name="an/embedder", batcher=None)
     models = [decoder, embedder]
@@ -82,12 +97,14 @@ def test_live_gauges_read_each_loaded_models_batcher_at_scrape_time():
     first = read()
     assert first[("mrs_loaded_models", ())] == 2
     assert (first[("mrs_busy_slots", ("a/decoder",))], first[("mrs_slots", ("a/decoder",))],
-            first[("mrs_queue_depth", ("a/decoder",))]) == (3, 4, 5)
+            first[("mrs_queue_depth", ("a/decoder",))], first[("mrs_cached_prefix_tokens", ("a/decoder",))]) \
+        == (3, 4, 5, 40)
     assert not any("an/embedder" in labels for _, labels in first)      # no batch, no slot gauges
-    stats.update(busy=0, queued=0)
+    stats.update(busy=0, queued=0, cached=7)
     models.pop()
     second = read()
     assert second[("mrs_busy_slots", ("a/decoder",))] == 0 and second[("mrs_loaded_models", ())] == 1
+    assert second[("mrs_cached_prefix_tokens", ("a/decoder",))] == 7
     assert Metrics(lambda: None).registry.get_sample_value("mrs_loaded_models") == 0   # before the manager starts
 
 

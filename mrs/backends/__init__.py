@@ -81,7 +81,9 @@ class Steps(Protocol):
         """Compile (blocking; callers may use a helper thread) the prefill of one request of
         ``width`` tokens into one slot of caches shaped like ``cache``:
         ``run(cache, tokens [1, T], positions [1, T], slot, sampling (one row), history [1, W],
-        step [1], allowed) -> (Pending, cache)``; the slot's old state is cleared."""
+        step [1], allowed) -> (Pending, cache)``. The row continues the slot's state from its
+        first position: 0 starts afresh, k > 0 keeps the k positions the slot holds (a reused
+        prefix; a recurrent state only when k is everything it has seen)."""
 
     def decode(self, cache: Any, tokens: Any, sampling: Any, history: Any, step: np.ndarray, active: np.ndarray,
                allowed: np.ndarray | None) -> tuple[Pending, Any, Any]:

@@ -14,6 +14,18 @@ request's ``sink``, called from this thread) overlaps the device work of the nex
 Prefill is compiled once per prompt bucket, ahead of time and on a helper thread: a
 request whose bucket is new waits in the queue while it compiles, and the running
 streams keep decoding instead of stalling behind the compiler.
+
+Prefix reuse, llama.cpp's way: a finished request's slot keeps its state (prompt and
+generated tokens) until another request needs the slot, and a new request goes to
+the free slot holding the longest prefix of its tokens, so only the rest is
+prefilled. A conversation resent each turn (chat UIs, agents) then prefills just its
+newest messages. With a fixed set of slots this costs no memory and no copies, where a
+block-level prefix index (vLLM's) would need a paged cache; the price is that a
+prefix is found only in a slot that is free. A request never waits for a cache:
+slots that are busy are simply not candidates, and a request that finds no prefix
+worth keeping takes the least recently used free slot. A recurrent (Mamba) state
+cannot be cut back, so it is reused only when the slot's whole history starts the
+new prompt.
 """
 
 from __future__ import annotations
@@ -30,11 +42,13 @@ import numpy as np
 
 from mrs.constrain import JsonConstraint, constraint_for
 from mrs.engine.generate import Completion, RowOutput, allowed_rows
-from mrs.engine.shapes import MIN_PROMPT_BUCKET, bucket
+from mrs.engine.shapes import MIN_PROMPT_BUCKET, bucket, step_positions
 from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
 from mrs.sampling import MAX_NUM_TOP, SamplingParams
 
 log = logging.getLogger(__name__)
+
+_NOTHING = np.zeros((0,), np.int32)
 
 
 class ServerBusyError(MrsError):
@@ -87,6 +101,7 @@ class Request:
     cancelled: bool = False
     submitted_at: float = 0.0
     constraint: JsonConstraint | None = None  # set by submit() from ``format``
+    width: int = 0                      # the prefill width the batcher last planned for it
 
 
 class _Active:
@@ -98,6 +113,9 @@ class _Active:
         self.first_token_at = 0.0
         self.pending: list[TokenLogprob] = []
         self.finished = False
+        self.sampled: list[int] = []    # every token sampled for it, in order
+        self.reused = 0                 # leading prompt tokens its slot already held
+        self.fed = 0                    # how many of them decode steps have written to the cache
 
     @property
     def live(self) -> bool:
@@ -108,7 +126,7 @@ class Batcher:
     """The decode loop of one model over ``slots`` cache rows of ``max_len`` tokens."""
 
     def __init__(self, model: Any, *, slots: int = 8, max_len: int | None = None, max_queue: int = 64,
-                 num_top: int = MAX_NUM_TOP):
+                 num_top: int = MAX_NUM_TOP, prefix_reuse: bool = True):
         if model.family.kind != "causal":
             raise MrsError(f"model {model.name} is an {model.family.kind} model and cannot generate")
         self.model = model
@@ -116,6 +134,7 @@ class Batcher:
         self.max_len = int(min(max_len or model.context_length, model.context_length))
         self.max_queue = int(max_queue)
         self.num_top = num_top
+        self.prefix_reuse = bool(prefix_reuse)
         self.runner = model.runner
         self.steps = model.runner.steps(num_top)
         self._cond = threading.Condition()
@@ -126,6 +145,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self.requests_total = 0
         self.tokens_total = 0
+        self.reused_total = 0                          # prompt tokens taken from slots, not prefilled
         self._prefills: dict[int, Any] = {}            # prompt bucket -> compiled prefill_slot
         self._compiling: dict[int, threading.Thread] = {}
         self._reset()
@@ -176,7 +196,9 @@ class Batcher:
                 raise ServerBusyError(f"the request queue of {self.model.name} is full "
                                       f"({self.max_queue} waiting); retry shortly")
             self._pending.append(request)
-            self._prefill_for(request)  # compiles a new prompt bucket on a helper thread
+            free = self._free()
+            if free:  # compile the bucket it will need on a helper thread, if new
+                self._prefill_for(self._planned_width(request, *self._plan(request, free)))
             self.requests_total += 1
             self._cond.notify_all()
         return request
@@ -192,11 +214,13 @@ class Batcher:
             self._cond.notify_all()
 
     def stats(self) -> dict[str, int]:
-        """Gauges: slots, busy slots, queued requests; counters: requests, tokens, compilations."""
+        """Gauges: slots, busy slots, queued requests, tokens free slots hold for reuse;
+        counters: requests, tokens, reused prompt tokens, compilations."""
         with self._cond:
             busy = sum(1 for r in self._rows if r is not None)
-            return {"slots": self.slots, "busy": busy, "queued": len(self._pending),
-                    "requests": self.requests_total, "tokens": self.tokens_total,
+            held = sum(len(self._held[i]) for i in self._free())
+            return {"slots": self.slots, "busy": busy, "queued": len(self._pending), "cached": held,
+                    "requests": self.requests_total, "tokens": self.tokens_total, "reused": self.reused_total,
                     "compiled": self.steps.compiled_count()}
 
     @property
@@ -255,6 +279,9 @@ class Batcher:
         self.tokens = self.steps.tokens(np.zeros((B,), np.int32))
         self.step = np.zeros((B,), np.int32)
         self._inflight = None
+        self._held = [_NOTHING] * B     # per slot: the tokens whose state it holds, when free
+        self._used = [0] * B            # per slot: when a request last left it (LRU order)
+        self._clock = 0
 
     def _run(self) -> None:
         while True:
@@ -276,7 +303,8 @@ class Batcher:
         """A slot is taken (even a finished row needs releasing), or a queued request can start."""
         if self._inflight is not None or any(r is not None for r in self._rows):
             return True
-        return any(self._width(r) in self._prefills for r in self._pending)
+        free = self._free()
+        return any(self._planned_width(r, *self._plan(r, free)) in self._prefills for r in self._pending)
 
     def _iteration(self) -> None:
         if any(r is not None and r.live and r.row.constraint is not None for r in self._rows):
@@ -290,17 +318,18 @@ class Batcher:
                 self._deliver(*self._inflight)
         self._inflight = dispatched
         self._release()
-        for slot, request in self._admit():
-            self._prefill(slot, request)
+        for slot, request, reuse in self._admit():
+            self._prefill(slot, request, reuse)
 
     def _dispatch_decode(self):
         live = [(i, r) for i, r in enumerate(self._rows) if r is not None and r.live]
         if not live:
             return None
         active = np.zeros((self.slots,), bool)
-        for i, _ in live:
+        for i, r in live:
             active[i] = True
             self.step[i] += 1
+            r.fed += 1
         allowed = allowed_rows(self.model.vocab_size, [r.row if r is not None and r.live else None for r in self._rows])
         result, self.cache, self.history = self.steps.decode(
             self.cache, self.tokens, self.sampling, self.history, self.step.copy(), active, allowed)
@@ -321,6 +350,7 @@ class Batcher:
         if not active.first_token_at:
             active.first_token_at = now
         is_eos = token in row.eos
+        active.sampled.append(token)
         piece = row.add(token, logprob)
         if not is_eos:
             self.tokens_total += 1
@@ -333,7 +363,8 @@ class Batcher:
             done = Completion(text=row.text, token_ids=row.ids, finish_reason=row.finish,
                               prompt_tokens=row.prompt_len, completion_tokens=len(row.ids),
                               prompt_seconds=active.first_token_at - active.admitted_at,
-                              decode_seconds=now - active.first_token_at, logprobs=row.logprobs)
+                              decode_seconds=now - active.first_token_at, logprobs=row.logprobs,
+                              cached_tokens=active.reused)
             self._emit(active, Event(piece, active.pending, done=done))
             active.pending = []
         elif piece:
@@ -353,29 +384,79 @@ class Batcher:
             for i, active in enumerate(self._rows):
                 if active is not None and not active.live:
                     self._rows[i] = None
+                    self._held[i] = self._holding(active)
+                    self._clock += 1
+                    self._used[i] = self._clock
 
-    def _admit(self) -> list[tuple[int, Request]]:
-        """Free slots for queued requests, oldest first among those whose prefill is compiled."""
+    def _holding(self, active: _Active) -> np.ndarray:
+        """The tokens whose state a slot holds once its request leaves: the prompt, then the
+        generated tokens decode steps fed (those known here: a cancelled row's last ones
+        may never have been read back, and a KV prefix of what the slot holds is still right)."""
+        if not self.prefix_reuse:
+            return _NOTHING
+        known = min(active.fed, len(active.sampled))
+        if known < active.fed and not self.runner.rewindable(self.cache):
+            return _NOTHING   # a recurrent state that saw tokens we do not know is of no use
+        return np.asarray(list(active.request.prompt_ids) + active.sampled[:known], np.int32)
+
+    def _free(self) -> list[int]:
+        return [i for i, r in enumerate(self._rows) if r is None]
+
+    def _reusable(self, slot: int, ids: np.ndarray) -> int:
+        """How many leading tokens of ``ids`` the free slot's state can stand for; at least one
+        token is always left to prefill (its logits give the first new token)."""
+        held = self._held[slot]
+        n = min(len(held), len(ids) - 1)
+        if n <= 0:
+            return 0
+        same = held[:n] == ids[:n]
+        k = n if same.all() else int(np.argmin(same))
+        if k < len(held) and not self.runner.rewindable(self.cache):
+            return 0          # a recurrent state is reusable only at the exact point it stands for
+        return k
+
+    def _plan(self, request: Request, free: list[int]) -> tuple[int, int]:
+        """(slot, reused tokens) for a request among the free slots.
+
+        The slot with the longest prefix, when at least half of what it holds is reused
+        (an unrelated request that shares a system prompt should not evict a long
+        conversation); otherwise the least recently used slot, empty ones first."""
+        if not free:
+            return -1, 0
+        ids = np.asarray(request.prompt_ids, np.int32)
+        reuse = {i: self._reusable(i, ids) for i in free}
+        best = max(free, key=lambda i: (reuse[i], -self._used[i]))
+        if reuse[best] and 2 * reuse[best] >= len(self._held[best]):
+            return best, reuse[best]
+        oldest = min(free, key=lambda i: self._used[i])
+        return oldest, reuse[oldest]
+
+    def _planned_width(self, request: Request, slot: int, reuse: int) -> int:
+        request.width = bucket(len(request.prompt_ids) - reuse, MIN_PROMPT_BUCKET, self.max_len)
+        return request.width
+
+    def _admit(self) -> list[tuple[int, Request, int]]:
+        """Free slots for queued requests, oldest first among those whose prefill is compiled:
+        (slot, request, reused tokens)."""
         admitted, waiting = [], []
         with self._cond:
-            free = [i for i, r in enumerate(self._rows) if r is None]
+            free = self._free()
             while free and self._pending:
                 request = self._pending.popleft()
                 if request.cancelled:
                     continue
-                if self._prefill_for(request) is None:
+                slot, reuse = self._plan(request, free)
+                if self._prefill_for(self._planned_width(request, slot, reuse)) is None:
                     waiting.append(request)
                     continue
-                admitted.append((free.pop(0), request))
+                free.remove(slot)
+                self._held[slot] = _NOTHING
+                admitted.append((slot, request, reuse))
             self._pending.extendleft(reversed(waiting))
         return admitted
 
-    def _width(self, request: Request) -> int:
-        return bucket(len(request.prompt_ids), MIN_PROMPT_BUCKET, self.max_len)
-
-    def _prefill_for(self, request: Request) -> Any:
-        """The compiled prefill of the request's bucket, or None while it compiles."""
-        width = self._width(request)
+    def _prefill_for(self, width: int) -> Any:
+        """The compiled prefill for ``width`` tokens, or None while it compiles."""
         compiled = self._prefills.get(width)
         if compiled is None and width not in self._compiling:
             thread = threading.Thread(target=self._compile_prefill, args=(width,), daemon=True,
@@ -393,7 +474,7 @@ class Batcher:
             failed = e
             with self._cond:
                 self._compiling.pop(width, None)
-                victims = [r for r in self._pending if self._width(r) == width]
+                victims = [r for r in self._pending if r.width == width]
                 for r in victims:
                     self._pending.remove(r)
             for r in victims:
@@ -407,17 +488,20 @@ class Batcher:
             self._compiling.pop(width, None)
             self._cond.notify_all()
 
-    def _prefill(self, slot: int, request: Request) -> None:
+    def _prefill(self, slot: int, request: Request, reuse: int) -> None:
+        """Prefill the request's tokens past the ``reuse`` its slot already holds."""
         ids = request.prompt_ids
-        n, S, width = len(ids), self.max_len, self._width(request)
+        n, S, width = len(ids), self.max_len, request.width
         tokens = np.zeros((1, width), np.int32)
-        tokens[0, :n] = ids
-        positions = np.where(np.arange(width) < n, np.arange(width), -1).astype(np.int32)[None]
+        tokens[0, :n - reuse] = ids[reuse:]
+        positions = step_positions([reuse], [n - reuse], width)
         history = np.full((1, S), -1, np.int32)
         history[0, S - n:] = ids
         row = RowOutput(self.model, n, request.max_tokens, tuple(request.stop), request.ignore_eos,
                         request.constraint)
         active = _Active(request, row, time.perf_counter())
+        active.reused = reuse
+        self.reused_total += reuse
         result, self.cache = self._prefills[width](
             self.cache, tokens, positions, slot, request.sampling, history, np.zeros((1,), np.int32),
             allowed_rows(self.model.vocab_size, [row]))

@@ -34,9 +34,10 @@ class Completion:
     finish_reason: str                      # "stop" | "length"
     prompt_tokens: int
     completion_tokens: int
-    prompt_seconds: float = 0.0
+    prompt_seconds: float = 0.0             # evaluating the prompt tokens that were not cached
     decode_seconds: float = 0.0
     logprobs: list[float] = field(default_factory=list, repr=False)
+    cached_tokens: int = 0                  # leading prompt tokens whose state was reused, not evaluated
 
     @property
     def tokens_per_second(self) -> float:
@@ -272,7 +273,8 @@ def run(model: Any, prompts: Sequence[Prompt], *, max_tokens: int = 256, stop=No
     yield RunResult(
         completions=[Completion(text=r.text, token_ids=r.ids, finish_reason=r.finish, prompt_tokens=r.prompt_len,
                                 completion_tokens=len(r.ids), prompt_seconds=prefill_done - started,
-                                decode_seconds=finished - prefill_done, logprobs=r.logprobs) for r in rows],
+                                decode_seconds=finished - prefill_done, logprobs=r.logprobs, cached_tokens=k)
+                     for r, k in zip(rows, reuse, strict=True)],
         cache=cache, sampled=all_sampled)
 
 

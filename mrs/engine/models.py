@@ -82,13 +82,14 @@ class ModelManager:
     def __init__(self, home: Path, *, device: str = "auto", dtype: str = "auto", max_loaded: int = 2,
                  slots: int = 8, max_context: int = 4096, max_queue: int = 64, default_keep_alive: float = 300.0,
                  loader: Callable[..., Any] | None = None, warmup: bool = True, extra: dict[str, Path] | None = None,
-                 load_options: dict[str, Any] | None = None):
+                 load_options: dict[str, Any] | None = None, prefix_reuse: bool = True):
         self.home = Path(home)
         self.extra = dict(extra or {})  # operator-given folders outside home (`mrs serve --model ./dir`)
         self.device, self.dtype = device, dtype
         self.load_options = dict(load_options or {})   # quantize / dequantize (Settings.load_options)
         self.max_loaded, self.slots, self.max_context, self.max_queue = max_loaded, slots, max_context, max_queue
         self.default_keep_alive = default_keep_alive
+        self.prefix_reuse = prefix_reuse
         self.warmup = warmup
         self._loader = loader
         self._models: dict[str, Loaded] = {}
@@ -164,7 +165,8 @@ class ModelManager:
             model.default_options, model.default_system = ollama.options, ollama.system
         batcher = None
         if model.family.kind == "causal":
-            batcher = Batcher(model, slots=self.slots, max_len=self.max_context, max_queue=self.max_queue).start()
+            batcher = Batcher(model, slots=self.slots, max_len=self.max_context, max_queue=self.max_queue,
+                              prefix_reuse=self.prefix_reuse).start()
             if self.warmup:
                 try:
                     batcher.warmup()

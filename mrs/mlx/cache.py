@@ -74,11 +74,13 @@ def _fields(cache: Cache) -> tuple[str, str]:
     return ("keys", "values") if isinstance(cache, KVCache) else ("conv", "ssm")
 
 
-def take_slot(cache: Cache, slot: int) -> Cache:
-    """A one-slot cache of zeros shaped like ``cache``'s slots (a fresh request's state)."""
+def take_slot(cache: Cache, slot: int, start: int) -> Cache:
+    """The one-slot cache of ``slot``, cut back to ``start`` positions: a request continues
+    from there (0 starts afresh: attention never sees past a query's own position, and
+    a Mamba row that starts at 0 starts from zero state, so nothing needs clearing)."""
     first, second = _fields(cache)
-    zeros = {name: [mx.zeros((1,) + a.shape[1:], a.dtype) for a in getattr(cache, name)] for name in (first, second)}
-    return type(cache)(zeros[first], zeros[second], np.zeros((1,), np.int32), cache.max_len)
+    rows = {name: [a[slot:slot + 1] for a in getattr(cache, name)] for name in (first, second)}
+    return type(cache)(rows[first], rows[second], np.full((1,), start, np.int32), cache.max_len)
 
 
 def put_slot(cache: Cache, slot: int, sub: Cache) -> Cache:

@@ -84,6 +84,7 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
         s = app.ctx.settings
         app.ctx.manager = ModelManager(s.home, device=s.device, dtype=s.dtype, max_loaded=s.max_loaded_models,
                                        slots=s.max_batch, max_context=s.max_context, max_queue=s.max_queue,
+                                       prefix_reuse=s.prefix_reuse,
                                        default_keep_alive=app.ctx.default_keep_alive, extra=app.ctx.extra,
                                        load_options=s.load_options())
         app.ctx.manager.start()

@@ -147,6 +147,7 @@ class Generation:
                     format=opts.format))
         self.remaining = len(self.requests)
         self.started = time.perf_counter()
+        self._cached: dict[int, int] = {}   # prompt -> the most of its tokens any choice reused
 
     def _sink(self, index: int):
         inbox, queue = Inbox.of(self.loop), self.queue
@@ -176,11 +177,19 @@ class Generation:
                 raise event.error if isinstance(event.error, MrsError) else MrsError(str(event.error))
             if event.done is not None:
                 self.remaining -= 1
+                prompt = index // self.opts.n
+                self._cached[prompt] = max(self._cached.get(prompt, 0), event.done.cached_tokens)
                 if self.metrics is not None:
                     self.metrics.completion(self.loaded.name, event.done, event.queued_seconds)
                     if not self.remaining:
                         self.metrics.generation(self.loaded.name, time.perf_counter() - self.started)
             yield index, event
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens taken from the cache, over the prompts finished so far (each prompt
+        counted once, as its prompt tokens are, at the most any of its choices reused)."""
+        return sum(self._cached.values())
 
     def cancel(self) -> None:
         for request in self.requests:

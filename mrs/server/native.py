@@ -75,7 +75,7 @@ def _missing(key: str) -> str:
 
 def _result(done) -> dict:
     return {"text": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens}
+            "completion_tokens": done.completion_tokens, "cached_tokens": done.cached_tokens}
 
 
 @asynccontextmanager

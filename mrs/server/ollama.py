@@ -138,7 +138,7 @@ def _stats(completion, load_seconds: float, started: float, queued: float) -> di
     return {"done_reason": completion.finish_reason,
             "total_duration": ns(time.perf_counter() - started),
             "load_duration": ns(load_seconds),
-            "prompt_eval_count": completion.prompt_tokens,
+            "prompt_eval_count": completion.prompt_tokens - completion.cached_tokens,   # evaluated, not cached
             "prompt_eval_duration": ns(completion.prompt_seconds + queued),
             "eval_count": completion.completion_tokens,
             "eval_duration": ns(completion.decode_seconds)}

@@ -67,9 +67,10 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return bool(get_bool(options, "include_usage", False))
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, gen: Generation) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": gen.cached_tokens}}
 
 
 def _check_tools(body: dict) -> None:
@@ -160,7 +161,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                                     if opts.logprobs else None,
                                     "finish_reason": done.finish_reason})
                 used = sum(r["completion"].completion_tokens for r in results.values())
-                return json_response({**head, "choices": choices, "usage": _usage(len(ids), used)})
+                return json_response({**head, "choices": choices, "usage": _usage(len(ids), used, gen)})
             return await _stream_chat(request, loaded, gen, head, opts, include_usage, len(ids))
         finally:
             gen.cancel()
@@ -190,7 +191,7 @@ async def _stream_chat(request: Request, loaded: Loaded, gen: Generation, head: 
                 used += event.done.completion_tokens
                 await sse.data(chunk(index, {}, event.done.finish_reason))
         if include_usage:
-            await sse.data({**head, "choices": [], "usage": _usage(prompt_tokens, used)})
+            await sse.data({**head, "choices": [], "usage": _usage(prompt_tokens, used, gen)})
         await sse.data("[DONE]")
     except MrsError as e:
         await sse.data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
@@ -261,7 +262,7 @@ async def completions(request: Request) -> HTTPResponse | None:
                     choices.append({"text": prefix[index] + done.text, "index": index, "logprobs": logprobs,
                                     "finish_reason": done.finish_reason})
                 used = sum(r["completion"].completion_tokens for r in results.values())
-                return json_response({**head, "choices": choices, "usage": _usage(prompt_tokens, used)})
+                return json_response({**head, "choices": choices, "usage": _usage(prompt_tokens, used, gen)})
             response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
             sse = SSE(response)
             used = 0
@@ -282,7 +283,7 @@ async def completions(request: Request) -> HTTPResponse | None:
                     if event.done is not None:
                         used += event.done.completion_tokens
                 if include_usage:
-                    await sse.data({**head, "choices": [], "usage": _usage(prompt_tokens, used)})
+                    await sse.data({**head, "choices": [], "usage": _usage(prompt_tokens, used, gen)})
                 await sse.data("[DONE]")
             except MrsError as e:
                 await sse.data({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})

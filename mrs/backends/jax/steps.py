@@ -9,6 +9,7 @@ processes (executables.StoredStep), so a later run neither traces nor compiles.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -70,10 +71,16 @@ class CompiledSteps:
             return sample(logits[:, 0], sampling, history, step, num_top=num_top, allowed=allowed), cache
 
         def prefill_slot(params, tokens, positions, cache, slot, sampling: SamplingParams, history, step, allowed):
-            """Prefill one new request [1, T] into cache slot ``slot`` (its old state cleared)."""
-            fresh = jax.tree_util.tree_map(jnp.zeros_like, take_slots(cache, slot[None]))
-            result, fresh = prefill(params, tokens, positions, fresh, sampling, history, step, allowed)
-            return result, put_slots(cache, slot[None], fresh)
+            """Prefill one request [1, T] into cache slot ``slot``, continuing the slot's state
+            from the first position (0 starts afresh, k > 0 reuses the k positions held).
+
+            Nothing is cleared: attention sees only positions below the first new one (and
+            the new block), and a Mamba row that starts at 0 starts from zero state, so what
+            a slot held past the first position is never read."""
+            start = jnp.min(jnp.where(positions < 0, jnp.iinfo(jnp.int32).max, positions), axis=1)
+            row = dataclasses.replace(take_slots(cache, slot[None]), lengths=start.astype(jnp.int32))
+            result, row = prefill(params, tokens, positions, row, sampling, history, step, allowed)
+            return result, put_slots(cache, slot[None], row)
 
         def decode(params, tokens, cache, sampling: SamplingParams, history, step, active, allowed):
             """Feed each active row's last token [B] at its own position; sample the next

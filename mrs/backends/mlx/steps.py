@@ -69,9 +69,10 @@ class MlxSteps:
 
     def prefill_slot(self, width: int, cache: Any):
         def run(cache, tokens, positions, slot, sampling, history, step, allowed):
-            fresh = take_slot(cache, int(slot))
-            logits, fresh = self.model(_array(tokens), np.asarray(positions, np.int32), fresh, last_only=True)
-            cache = put_slot(cache, int(slot), fresh)
+            positions = np.asarray(positions, np.int32)
+            row = take_slot(cache, int(slot), int(positions[0][positions[0] >= 0].min()))
+            logits, row = self.model(_array(tokens), positions, row, last_only=True)
+            cache = put_slot(cache, int(slot), row)
             return self._sample(logits[:, 0], sampling, history, step, allowed, cache), cache
 
         return run
