@@ -277,10 +277,31 @@ class Chat:
             raise MrsError(f"unknown command {command}; /help lists them")
         return True
 
+    def make_room(self) -> int:
+        """Drop the oldest turns (never the system message or the newest message) until the
+        conversation leaves room for an answer in the session's context, as Ollama's context
+        shift does; says so in one dim line. Returns how many messages went."""
+        c, session = self.conversation, self.session
+        if not hasattr(session, "prompt_tokens"):
+            return 0
+        limit = session.max_len - min(int(c.options.get("max_tokens") or 1), max(1, session.max_len // 4))
+        dropped = 0
+        while len(c.messages) > 1 and session.prompt_tokens(c.prompt()) > limit:
+            del c.messages[0]
+            dropped += 1
+            while len(c.messages) > 1 and c.messages[0]["role"] != "user":   # a turn starts with the user
+                del c.messages[0]
+                dropped += 1
+        if dropped:
+            self.say(f"(the conversation outgrew the context of {session.max_len} tokens: dropped the "
+                     f"{dropped} oldest message{'s' if dropped != 1 else ''})")
+        return dropped
+
     def ask(self, text: str) -> str:
         """One turn: add the user's message, stream the answer, remember it."""
         c = self.conversation
         c.messages.append({"role": "user", "content": text})
+        self.make_room()
         answer, interrupted = "", False
         pieces: Iterator[str] | None = None
         try:

@@ -395,14 +395,20 @@ class CLI:
             sys.stdout.flush()
         sys.stdout.write("\n")
 
-    def chat(self, ref: Any, prompt: Any = None, system: Any = None, temperature: Any = None, top_p: Any = None,
-             top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
-             save_on_exit: bool = False, stats: bool = False):
+    def chat(self, ref: Any = None, prompt: Any = None, system: Any = None, temperature: Any = None,
+             top_p: Any = None, top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
+             save_on_exit: bool = False, stats: bool = False, model: Any = None, context: Any = None):
         """Chat with a model in the terminal (markdown answers, slash commands; /help lists them).
 
+        A conversation that outgrows the context drops its oldest turns (the system message
+        stays) and says so in one dim line.
+
         Args:
-            ref: model name (org/model) or folder path.
-            prompt: answer this one message and exit instead of starting the REPL.
+            ref: model name (org/model), folder path or GGUF file; or give it as --model.
+            prompt: answer this one message and exit instead of starting the REPL (with
+                --model, the positional argument is this prompt).
+            model: the model, as for generate (instead of REF).
+            context: longest conversation in tokens (default 4096, at most the model's).
             system: a system message.
             temperature: sampling temperature; 0 is greedy (default 0.8).
             top_p: nucleus sampling mass in (0, 1] (default 0.9).
@@ -414,8 +420,16 @@ class CLI:
             stats: print tokens, speed and prefilled tokens after each answer.
         """
         from mrs.chat import Chat, Conversation, parse_option
+        from mrs.engine.session import ChatSession
 
+        if model is not None:
+            if ref is not None and prompt is not None:
+                raise UsageError("give the model once: mrs chat REF [PROMPT] or mrs chat --model REF [PROMPT]")
+            ref, prompt = model, ref if ref is not None else prompt
+        if ref is None:
+            raise UsageError("which model? mrs chat REF, or mrs chat --model REF")
         model_ref = _text(ref, "REF")
+        max_len = None if context is None else _int(context, "--context", 2)
         if save_on_exit and session is None:
             raise UsageError("--save-on-exit needs --session FILE")
         session_file = None if session is None else Path(_text(session, "--session")).expanduser()
@@ -429,23 +443,24 @@ class CLI:
         if system is not None:
             conversation.system = _text(system, "--system")
         console = _console()
-        model = self._load(model_ref)
-        repl = Chat(model, load_model=self._load, console=console, conversation=conversation,
-                    session_file=session_file, save_on_exit=save_on_exit, show_stats=stats)
+        loaded = self._load(model_ref)
+        repl = Chat(loaded, load_model=self._load, console=console, conversation=conversation,
+                    session_file=session_file, save_on_exit=save_on_exit, show_stats=stats,
+                    make_session=lambda m: ChatSession(m, max_len=max_len))
         if prompt is not None:
             repl.ask(_text(prompt, "PROMPT"))
             if save_on_exit:
-                conversation.save(session_file, model.name)
+                conversation.save(session_file, loaded.name)
             return
         repl.run()
 
-    def run(self, ref: Any, prompt: Any = None, system: Any = None, temperature: Any = None, top_p: Any = None,
-            top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
-            save_on_exit: bool = False, stats: bool = False):
+    def run(self, ref: Any = None, prompt: Any = None, system: Any = None, temperature: Any = None,
+            top_p: Any = None, top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
+            save_on_exit: bool = False, stats: bool = False, model: Any = None, context: Any = None):
         """Alias of chat."""
         return self.chat(ref, prompt=prompt, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
                          max_tokens=max_tokens, seed=seed, session=session, save_on_exit=save_on_exit,
-                         stats=stats)
+                         stats=stats, model=model, context=context)
 
     def embed(self, *texts: Any, model: Any = ""):
         """Embed texts with an embedding model; prints JSON {"model", "embeddings": [[...], ...]}.

@@ -261,6 +261,43 @@ def test_the_second_turn_prefills_only_its_new_tokens(llama_model):
     assert stats[-1].endswith(f"prompt {total} tokens: {prefilled} prefilled, {total - prefilled} cached")
 
 
+def test_a_conversation_past_its_context_drops_its_oldest_turns_and_goes_on(llama_model):
+    from mrs.engine.session import ChatSession
+
+    out = io.StringIO()
+    turns = [f"Message {i}: tell me more about the sea." for i in range(8)]
+    feed = iter(["/system Be brief.", "/set temperature 0", "/set max_tokens 8", *turns])
+    chat = Chat(llama_model, console=Console(file=out, width=200), read=lambda prompt: next(feed, None),
+                make_session=lambda m: ChatSession(m, max_len=128), show_stats=True)
+    chat.run()
+    text = out.getvalue()
+    assert "error" not in text
+    shifts = [line for line in text.splitlines() if "outgrew the context of 128 tokens" in line]
+    assert shifts, text
+    messages = chat.conversation.messages
+    # Every turn was answered; the oldest are gone, the newest kept, the system message stays.
+    assert sum("outgrew" in line for line in text.splitlines()) == len(shifts)
+    assert messages[-2] == {"role": "user", "content": turns[-1]} and messages[-1]["role"] == "assistant"
+    assert turns[0] not in [m["content"] for m in messages]
+    assert chat.conversation.prompt()[0] == {"role": "system", "content": "Be brief."}
+    assert chat.session.prompt_tokens(chat.conversation.prompt()[:-1]) <= 128
+    assert text.count("tok/s") == len(turns)     # a stats line per answered turn
+
+
+def test_make_room_keeps_the_newest_message_and_drops_whole_turns(llama_model):
+    from mrs.engine.session import ChatSession
+
+    chat = Chat(llama_model, console=Console(file=io.StringIO()), read=lambda prompt: None,
+                make_session=lambda m: ChatSession(m, max_len=64))
+    c = chat.conversation
+    c.options["max_tokens"] = 4
+    c.messages = [{"role": "user", "content": "an old question " * 3}, {"role": "assistant", "content": "an answer"},
+                  {"role": "user", "content": "the new one"}]
+    assert chat.make_room() == 2 and c.messages == [{"role": "user", "content": "the new one"}]
+    c.messages = [{"role": "user", "content": "far too long " * 40}]
+    assert chat.make_room() == 0 and len(c.messages) == 1     # left to the session to refuse
+
+
 def test_chat_session_file_is_saved_on_exit_and_reloaded(llama_model, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: llama_model)
     file = tmp_path / "chat.json"
@@ -282,6 +319,36 @@ def test_a_model_without_a_chat_template_cannot_chat(llama_model, monkeypatch, c
     monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: llama_model)
     assert main(["chat", "m", "Hello"]) == 1
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_chat_takes_its_model_as_model_like_generate(llama_model, monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: loaded.append(ref) or llama_model)
+    options = ["--max-tokens", "4", "--temperature", "0"]
+    assert main(["chat", "m", "Hello", *options]) == 0
+    positional = capsys.readouterr().out
+    assert main(["chat", "--model", "m", "Hello", *options]) == 0
+    assert capsys.readouterr().out == positional and loaded == ["m", "m"]
+    assert main(["chat", "--model", "m", "--prompt", "Hello", *options]) == 0
+    assert capsys.readouterr().out == positional
+    assert main(["chat"]) == 1 and "which model?" in capsys.readouterr().err
+    assert main(["chat", "m", "--model", "m", "--prompt", "Hi"]) == 1
+    assert "give the model once" in capsys.readouterr().err
+
+
+def test_chat_in_a_pseudo_terminal_runs_past_its_context(llama_dir, tmp_path):
+    session = PtySession([PYTHON, "-m", "mrs.cli", "chat", "--model", str(llama_dir), "--context", "96",
+                          "--max-tokens", "6", "--temperature", "0"], cwd=str(tmp_path),
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XDG_STATE_HOME": str(tmp_path / "state")})
+    session.expect(">>> ", timeout=120)
+    for i in range(8):
+        before = len(session.output)
+        session.send(f"Turn {i} of a long talk about boats.\n")
+        session.expect(">>> ", timeout=120, after=before)
+    session.send("/exit\n")
+    assert session.wait(60) == 0
+    everything = session.text()
+    assert "outgrew the context of 96 tokens" in everything and "error" not in everything
 
 
 def test_chat_in_a_real_terminal(llama_dir, tmp_path):

@@ -50,6 +50,10 @@ class ChatSession:
             return self._ids + tokenizer.encode(rendered[len(self._text):], add_special_tokens=False)
         return tokenizer.encode(rendered, add_special_tokens=False)
 
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        """How many tokens the conversation ``messages`` takes, the assistant header included."""
+        return len(self._target_ids(self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+
     def stream(self, messages: list[dict], **options: Any) -> Iterator[str]:
         """Answer the conversation ``messages``, yielding text as it is decoded."""
         rendered = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
