@@ -324,3 +324,33 @@ def test_clients_that_disconnect_mid_stream_free_their_slots(live_server):
         assert r.status_code == 200
         with c.stream("POST", "/v1/generate_stream", json={"prompt": "Hi", "max_tokens": 3}) as s:
             assert sse_events(s)[-1] == ("done", "[DONE]")
+
+
+def _one_stream(url: str, i: int) -> tuple[int, str | None, list[dict]]:
+    """(status, Retry-After, NDJSON chunks) of one streamed /api/generate."""
+    body = {"model": LLAMA, "prompt": f"Burst {i}", "raw": True,
+            "options": {"num_predict": 24, "temperature": 0.7, "seed": i}}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c, \
+            c.stream("POST", "/api/generate", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.headers.get("retry-after"), [r.json()]
+        return 200, None, [json.loads(line) for line in r.iter_lines() if line]
+
+
+def test_a_burst_of_96_streams_gets_answers_or_503s_and_leaves_every_slot_free(live_server):
+    """8 slots and 16 queued: of 96 streams at once, the ones that find the queue full are
+    refused with 503 and Retry-After; every other one streams to its end, none fails."""
+    with ThreadPoolExecutor(96) as pool:
+        results = list(pool.map(lambda i: _one_stream(live_server.url, i), range(96)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 24      # at least every slot and queue place was used
+    for status, retry_after, chunks in results:
+        if status == 503:
+            assert int(retry_after) >= 1 and "error" in chunks[0]
+        else:
+            assert chunks[-1]["done"] is True and chunks[-1]["done_reason"] in ("stop", "length")
+            assert not any("error" in chunk for chunk in chunks)
+    stats = _wait_idle(live_server)
+    assert stats["busy"] == 0 and stats["queued"] == 0
