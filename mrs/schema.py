@@ -5,12 +5,12 @@ A schema compiles into nodes; the automaton below walks them byte by byte, like
 ``mrs.constrain.feed`` walks plain JSON, and hands scalar values (strings, numbers,
 booleans, null, untyped values) to that plain automaton. Enforced: ``type`` (one or a
 list), ``properties`` (only declared keys, each at most once, any order), ``required``,
-``items``, ``minItems``/``maxItems``, ``enum``/``const``, and ``anyOf``/``oneOf`` of
-plain types. Other keywords (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are
+``items``, ``minItems``/``maxItems``, ``maxLength`` (characters; an escape is one),
+``enum``/``const``, and ``anyOf``/``oneOf`` of plain types. Other keywords (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are
 not enforced: such a node accepts any JSON value of its type; so does an object
 without ``properties`` (any keys). A value at the top level that could go on (a
 number) ends with one whitespace byte; at most ``MAX_LEADING_WHITESPACE`` bytes come
-before it, and ``MAX_WHITESPACE`` in any other gap.
+before it, and ``MAX_WHITESPACE`` in any other gap (fewer with ``x-mrs-whitespace``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from mrs.json_grammar import (DIGITS, MAX_DEPTH, MAX_LEADING_WHITESPACE, MAX_WHI
                               Grammar, State, feed)
 
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+# mrs's own keyword (JSON Schema lets vendors add them; validators ignore it): the most
+# whitespace bytes in any gap inside the value, below MAX_WHITESPACE (tool calls use 1).
+COMPACT_KEY = "x-mrs-whitespace"
 ANY = frozenset(TYPES)
 VALUE_START: State = ("value", "", 0)
 
@@ -41,6 +44,8 @@ class Node:
     min_items: int = 0
     max_items: int | None = None
     enum: tuple[bytes, ...] | None = None           # json-encoded allowed values
+    max_length: int | None = None                   # most characters of a string value
+    gap: int = MAX_WHITESPACE                       # most whitespace bytes between its tokens
 
 
 _NODES: list[Node] = [Node(ANY)]                    # node 0: any JSON value
@@ -56,7 +61,10 @@ def compile_schema(schema: Any) -> int:
         key = json.dumps(schema, sort_keys=True, allow_nan=False)
         with _LOCK:
             if key not in _COMPILED:
-                _COMPILED[key] = _compile(schema, 0)
+                gap = schema.get(COMPACT_KEY, MAX_WHITESPACE)
+                if isinstance(gap, bool) or not isinstance(gap, int) or not 0 <= gap <= MAX_WHITESPACE:
+                    raise InvalidParameterError("format", gap, f"an {COMPACT_KEY} from 0 to {MAX_WHITESPACE}")
+                _COMPILED[key] = _compile(schema, 0, gap)
             return _COMPILED[key]
     except InvalidParameterError:
         raise
@@ -80,7 +88,7 @@ def _kinds(schema: dict) -> frozenset[str] | None:
     return frozenset(kinds)
 
 
-def _compile(schema: Any, depth: int) -> int:
+def _compile(schema: Any, depth: int, gap: int = MAX_WHITESPACE) -> int:
     if not isinstance(schema, dict) or depth > MAX_DEPTH:
         return 0
     if "const" in schema or "enum" in schema:
@@ -88,19 +96,19 @@ def _compile(schema: Any, depth: int) -> int:
         if not isinstance(values, list) or not values:
             raise InvalidParameterError("format", values, "a non-empty JSON schema enum")
         return _add(Node(ANY, enum=tuple(sorted({json.dumps(v, ensure_ascii=False, allow_nan=False).encode()
-                                                 for v in values}))))
+                                                 for v in values})), gap=gap))
     for union in ("anyOf", "oneOf"):
         if isinstance(schema.get(union), list) and schema[union]:
             kinds = [_kinds(branch) if isinstance(branch, dict) and set(branch) <= {"type", "description", "title"}
                      else None for branch in schema[union]]
-            return _add(Node(frozenset().union(*kinds))) if all(kinds) else 0
+            return _add(Node(frozenset().union(*kinds), gap=gap)) if all(kinds) else 0
     kinds = _kinds(schema)
     if kinds is None:
         return 0
     properties: list[tuple[bytes, int]] = []
     raw = schema.get("properties")
     if "object" in kinds and isinstance(raw, dict):
-        properties = [(json.dumps(name, ensure_ascii=False).encode()[1:], _compile(sub, depth + 1))
+        properties = [(json.dumps(name, ensure_ascii=False).encode()[1:], _compile(sub, depth + 1, gap))
                       for name, sub in raw.items()]
     required = schema.get("required") or []
     if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
@@ -112,8 +120,11 @@ def _compile(schema: Any, depth: int) -> int:
     low, high = schema.get("minItems", 0), schema.get("maxItems")
     if not isinstance(low, int) or low < 0 or (high is not None and (not isinstance(high, int) or high < low)):
         raise InvalidParameterError("format", (low, high), "0 <= minItems <= maxItems")
-    items = _compile(schema.get("items"), depth + 1) if "array" in kinds else 0
-    return _add(Node(kinds, tuple(properties), wanted, items, low, high))
+    items = _compile(schema.get("items"), depth + 1, gap) if "array" in kinds else 0
+    longest = schema.get("maxLength") if "string" in kinds else None
+    if longest is not None and (isinstance(longest, bool) or not isinstance(longest, int) or longest < 0):
+        raise InvalidParameterError("format", longest, "a JSON schema maxLength of 0 or more")
+    return _add(Node(kinds, tuple(properties), wanted, items, low, high, max_length=longest, gap=gap))
 
 
 # --- the automaton --------------------------------------------------------------------
@@ -145,7 +156,7 @@ def _start(frames: tuple, node_id: int, byte: int) -> tuple | None:
     if kind is None or not (kind in node.kinds or (kind == "number" and "integer" in node.kinds)):
         return None
     sub = feed(VALUE_START, byte)
-    return None if sub is None else ("scalar", frames, (sub, node_id), 0)
+    return None if sub is None else ("scalar", frames, (sub, node_id, (0, 0)), 0)
 
 
 def _literal(frames: tuple, candidates: tuple[bytes, ...], byte: int) -> tuple | None:
@@ -160,7 +171,7 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
     """The state after one more byte, or None if no value valid for the schema continues so."""
     mode, frames, x, ws = state
     if mode == "scalar":
-        sub, node_id = x
+        sub, node_id, length = x      # (characters so far, continuation bytes due): maxLength
         integer = "integer" in _NODES[node_id].kinds and "number" not in _NODES[node_id].kinds
         if integer and sub[0] in NUMBER_ENDS and byte in b".eE":
             return None
@@ -170,7 +181,14 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
                 return None
             # At the top, nothing follows: one whitespace byte ends the number (and the output).
             return _done(frames) if not frames and byte in WHITESPACE else schema_feed(_done(frames), byte)
-        return _done(frames) if nxt[0] == "done" else ("scalar", frames, (nxt, node_id), 0)
+        if nxt[0] == "done":
+            return _done(frames)
+        longest = _NODES[node_id].max_length
+        if longest is not None and sub[0] == "str":
+            length = _count_character(length, byte, longest)
+            if length is None:
+                return None
+        return ("scalar", frames, (nxt, node_id, length), 0)
     if mode == "lit":
         nxt = _literal(frames, x, byte)
         if nxt is not None:
@@ -189,7 +207,7 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
     if mode == "done":
         return None
     if byte in WHITESPACE:
-        cap = MAX_LEADING_WHITESPACE if mode == "value" and not frames else MAX_WHITESPACE
+        cap = MAX_LEADING_WHITESPACE if not frames else _NODES[frames[-1][1]].gap
         return (mode, frames, x, ws + 1) if ws < cap else None
     if mode == "value":
         return _start(frames, x, byte)
@@ -219,13 +237,28 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
     raise AssertionError(f"unknown schema automaton mode {mode!r}")
 
 
+def _count_character(length: tuple[int, int], byte: int, longest: int) -> tuple[int, int] | None:
+    """One more byte of a string body under maxLength: a character is an ASCII byte, an
+    escape (from its backslash) or a whole UTF-8 sequence, whose bytes are checked here
+    (a stray continuation byte would otherwise be a character that counts for nothing)."""
+    count, due = length
+    if due:
+        return (count, due - 1) if 0x80 <= byte < 0xC0 else None
+    due = 0 if byte < 0x80 else 1 if 0xC2 <= byte < 0xE0 else 2 if 0xE0 <= byte < 0xF0 else \
+        3 if 0xF0 <= byte < 0xF5 else None
+    if due is None or count + 1 > longest:
+        return None
+    return (count + 1, due)
+
+
 def start_state(root: int) -> tuple:
     return ("value", (), root, 0)
 
 
 def in_string(state: tuple) -> bool:
-    """Inside a free string body, where quote-free, escape-free bytes never change the state."""
-    return state[0] == "scalar" and state[2][0][0] == "str"
+    """Inside a free string body, where quote-free, escape-free bytes never change the state
+    (not under a maxLength, where every character counts)."""
+    return state[0] == "scalar" and state[2][0][0] == "str" and _NODES[state[2][1]].max_length is None
 
 
 GRAMMAR = Grammar("schema", schema_feed, in_string)

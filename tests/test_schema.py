@@ -164,10 +164,22 @@ def test_any_of_and_one_of_of_plain_types_accept_only_those_types(union):
         assert state is None or state[0] != "done", bad
 
 
+def test_max_length_counts_characters_an_escape_or_a_multibyte_one_as_one():
+    short = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 3}}, "required": ["city"]}
+    for good in ('{"city": "abc"}', '{"city": ""}', '{"city": "a\\nb"}', '{"city": "\\u00e9t\u00e9"}',
+                 '{"city": "日本語"}'):
+        assert run(good.encode(), short)[0] == "done", good
+    for bad in ('{"city": "abcd"}', '{"city": "日本語x"}', '{"city": "\\n\\n\\n\\n"}'):
+        assert run(bad.encode(), short) is None, bad
+    assert run(b'"x"', {"type": "string", "maxLength": 0}) is None and run(b'""', {"type": "string", "maxLength": 0})
+    with pytest.raises(InvalidParameterError, match="maxLength"):
+        compile_schema({"type": "string", "maxLength": -1})
+
+
 def test_keywords_mrs_does_not_enforce_leave_the_value_free():
     """As documented in mrs.schema: no error, the value is only held to its type (or to
     nothing, for a union of structured branches)."""
-    assert run(b'"b"', {"type": "string", "pattern": "^a$", "maxLength": 0})[0] == "done"
+    assert run(b'"b"', {"type": "string", "pattern": "^a$"})[0] == "done"
     assert run(b'{"n": 99}', {"type": "object", "properties": {"n": {"type": "integer", "maximum": 1}},
                               "required": ["n"]})[0] == "done"
     union = {"anyOf": [{"type": "object", "properties": {"a": {}}}, {"type": "null"}]}
