@@ -112,9 +112,12 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise TokenizerError(f"the model's chat template failed: {e}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Chat messages -> token ids (the template supplies special tokens itself)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and ``tools``, for a template that takes them) -> token ids (the
+        template supplies special tokens itself)."""
+        extra = {"tools": tools} if tools else {}
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
 
 
 class StreamDecoder:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mrs.errors import InvalidParameterError
+from mrs.schema import COMPACT_KEY
 
 FORMATS = ("hermes", "llama3", "mistral", "granite", "phi4")
 # What a template mentions when it teaches each format (checked in this order).
@@ -244,31 +245,7 @@ def call_schema(tools: list[dict], choice: str) -> dict:
         name, arguments = {"const": chosen[0]["name"]}, chosen[0]["parameters"]
     else:
         name, arguments = {"enum": [f["name"] for f in chosen]}, {"type": "object"}
+    # Compact: a model writes whitespace between tokens where it has no better idea, and a
+    # call's JSON gains nothing from it.
     return {"type": "object", "properties": {"name": name, "arguments": arguments},
-            "required": ["name", "arguments"]}
-
-
-def for_template(messages: list[dict]) -> list[dict]:
-    """Messages as chat templates read them: an assistant's ``tool_calls`` arguments as
-    objects (OpenAI sends JSON strings), a tool result's function name as ``name`` too."""
-    out = []
-    for m in messages:
-        m = dict(m)
-        if m.get("tool_calls"):
-            m["tool_calls"] = [{"type": "function", "id": c.get("id"),
-                                "function": {"name": c["function"]["name"],
-                                             "arguments": _arguments(c["function"].get("arguments"))}}
-                               for c in m["tool_calls"]]
-        if m.get("role") == "tool" and m.get("tool_name") and not m.get("name"):
-            m["name"] = m["tool_name"]
-        out.append(m)
-    return out
-
-
-def _arguments(value: Any) -> dict:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError:
-            return {"_raw": value}
-    return value if isinstance(value, dict) else {}
+            "required": ["name", "arguments"], COMPACT_KEY: 1}

@@ -4,7 +4,8 @@
 Starts two servers on the same model, one with `prefix_reuse` on and one with it off
 (MRS_PREFIX_REUSE), and drives each through the same multi-turn chat with the real
 `openai` client, streaming, alternating turn by turn so machine drift hits both. Each
-turn resends the whole conversation, as chat UIs and agents do. A first conversation
+turn resends the whole conversation (rendered in Gemma's turn format, through
+/v1/completions), as chat UIs and agents do. A first conversation
 compiles every prompt width either server needs; the second, with other messages of the
 same sizes, is the one reported. Reports, per turn: prompt tokens, the cached tokens the
 server reported, time to first token on each server and their ratio, and whether the
@@ -75,24 +76,34 @@ def message(seed: int, turn: int, words: int) -> str:
     return f"Turn {turn}. Tell me a short story that uses these words: {' '.join(picked)}."
 
 
+def render(messages: list[dict]) -> str:
+    """The conversation in Gemma's turn format (the packaged GGUF carries no chat template;
+    any model reads it as a growing prompt, which is what prefix reuse is about)."""
+    turns = [f"<start_of_turn>{'model' if m['role'] == 'assistant' else 'user'}\n{m['content']}<end_of_turn>\n"
+             for m in messages]
+    return "".join(turns) + "<start_of_turn>model\n"
+
+
 def turn(client: openai.OpenAI, model: str, messages: list[dict], tokens: int) -> tuple[float, str, object]:
-    """(seconds to the first content, the answer, usage) of one streamed chat turn."""
+    """(seconds to the first text, the answer, usage) of one streamed turn, the whole
+    conversation resent as the prompt."""
     started = time.perf_counter()
     first, parts, usage = None, [], None
-    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=tokens, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}):
+    for chunk in client.completions.create(model=model, prompt=render(messages), max_tokens=tokens, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}):
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
-            if choice.delta.content:
+            if choice.text:
                 first = first or time.perf_counter()
-                parts.append(choice.delta.content)
+                parts.append(choice.text)
     return (first or time.perf_counter()) - started, "".join(parts), usage
 
 
 def conversation(clients: dict, model: str, seed: int, turns: int, tokens: int, words: int) -> list[dict]:
     """One conversation on every server, turn by turn; each server keeps its own history."""
-    histories = {name: [{"role": "system", "content": "You are a storyteller."}] for name in clients}
+    histories = {name: [{"role": "user", "content": "You are a storyteller. Keep every story short."},
+                        {"role": "assistant", "content": "Understood."}] for name in clients}
     rows = []
     for t in range(turns):
         row = {"turn": t + 1}

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 ALLOWED_ORIGIN = "http://allowed.example"
 LLAMA = "test/llama"
+TOOLS_LLAMA = "test/llama-tools"   # the llama fixture with a chat template that takes tools
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 # The same weights without the pipeline's final Normalize module (modules.json): its own
 # vectors are not unit length, so a route that normalises, or fails to, shows.
@@ -38,7 +39,7 @@ RAW_EMBEDDER = "test/minilm-raw"
 SETTINGS = {  # the server's MRS_* environment
     "MRS_MAX_BATCH": "8",
     "MRS_MAX_QUEUE": "16",
-    "MRS_MAX_CONTEXT": "256",
+    "MRS_MAX_CONTEXT": "1024",   # room for a tools list in the prompt
     "MRS_MAX_LOADED_MODELS": "3",
     "MRS_MAX_BODY_BYTES": "65536",
     "MRS_API_KEY": API_KEY,
@@ -169,6 +170,9 @@ def serve(request, tmp_path_factory, device: str):
     home.mkdir()
     # A copy, not a link: another session may rebuild the shared fixtures while this one runs.
     shutil.copytree(root / "llama", home / "test--llama")
+    from tool_template import with_tools_template
+
+    with_tools_template(root / "llama", home / "test--llama-tools")
     minilm = minilm_folder()
     if minilm is not None:
         (home / "sentence-transformers--all-MiniLM-L6-v2").symlink_to(

@@ -17,6 +17,7 @@ from server_fixtures import (
     OPTION_EFFECTS,
     RAW_EMBEDDER,
     SAMPLED,
+    SETTINGS,
     check_ollama_chunk,
     check_ollama_error,
     check_types,
@@ -209,7 +210,7 @@ def test_list_show_and_ps_describe_the_models(client, live_server):
     assert "im_start" in shown.template and shown.details.family == "llama"
     ps = client.ps()
     loaded = {m.model: m for m in ps.models}
-    assert LLAMA in loaded and loaded[LLAMA].context_length == 256
+    assert LLAMA in loaded and loaded[LLAMA].context_length == int(SETTINGS["MRS_MAX_CONTEXT"])
     raw_ps = live_server.ps()["models"]
     for m in raw_ps:
         check_types(

@@ -153,8 +153,9 @@ def test_huge_numbers_are_capped_by_the_context(live_server):
                 "stop": [],
             },
         )
-    assert r.status_code == 200 and r.json()["prompt_eval_count"] + r.json()["eval_count"] <= 256
-    assert o.status_code == 200 and o.json()["usage"]["total_tokens"] <= 256
+    context = int(SETTINGS["MRS_MAX_CONTEXT"])
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] + r.json()["eval_count"] <= context
+    assert o.status_code == 200 and o.json()["usage"]["total_tokens"] <= context
 
 
 def _exchange(url: str, request: bytes) -> tuple[int, bytes]:

@@ -107,7 +107,76 @@ def test_a_required_call_follows_the_named_functions_parameters():
     tools = check_tools([tool("get_weather", parameters), tool("get_time")])
     assert call_schema(tools, "get_weather") == {
         "type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": parameters},
-        "required": ["name", "arguments"]}
+        "required": ["name", "arguments"], "x-mrs-whitespace": 1}
     several = call_schema(tools, "required")
     assert several["properties"]["name"] == {"enum": ["get_weather", "get_time"]}
     assert call_schema(tools[:1], "required")["properties"]["arguments"] == parameters
+
+
+def test_tools_and_tool_messages_reach_the_template_as_transformers_renders_them(fixture_path, tmp_path):
+    """The tools list and a tool round trip (an assistant's call, the tool's result) render as
+    transformers' apply_chat_template(..., tools=...) renders them, from mrs's message checks."""
+    transformers = pytest.importorskip("transformers")
+    from tool_template import with_tools_template
+
+    from mrs.server.schemas import openai_messages
+    from mrs.tokenizer import Tokenizer
+
+    folder = with_tools_template(fixture_path("llama"), tmp_path / "llama-tools")
+    tools = check_tools([tool("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}})])
+    sent = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}]
+    messages = openai_messages({"messages": sent})
+    ours = Tokenizer(folder).apply_chat_template(messages, tools=tools)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    assert '"name": "get_weather"' in ours and '{"city": "Paris"}' in ours and "18 C and sunny" in ours
+
+
+def streamed(use, pieces: list[str]) -> tuple[str, list]:
+    """What a stream of ``pieces`` sends as content, and the calls at its end (the model's
+    raw text is the pieces joined)."""
+    from types import SimpleNamespace
+
+    held, sent = use.stream(), ""
+    for piece in pieces:
+        sent += held.push(piece)
+    text = "".join(pieces)
+    model = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids, skip_special_tokens: text))
+    _, calls = use.result(model, SimpleNamespace(text=text, token_ids=[], finish_reason="stop"))
+    return sent + held.finish(calls), calls
+
+
+@pytest.mark.parametrize("fmt, pieces, content, names", [
+    ("hermes", ["Let me ", "check. <tool", '_call>{"name": "get_time", ', '"arguments": {}}</tool_call>'],
+     "Let me check. ", ["get_time"]),
+    ("hermes", ["Use <b>", "bold</b> <tool", "s> please"], "Use <b>bold</b> <tools> please", []),
+    ("llama3", [' {"name": "get_time",', ' "parameters": {}}'], "", ["get_time"]),
+    ("llama3", ["Hello", " there"], "Hello there", []),
+    ("llama3", ['{"not": "a call"}'], '{"not": "a call"}', []),
+    ("phi4", ["func", 'tools[{"name": "get_time", "arguments": {}}]'], "", ["get_time"]),
+    ("mistral", ['[{"name": "get_time", "arguments": {}}]'], '[{"name": "get_time", "arguments": {}}]', []),
+])
+def test_a_stream_holds_back_what_may_open_a_call_and_sends_the_rest(fmt, pieces, content, names):
+    from mrs.server.tool_calls import ToolUse
+
+    use = ToolUse(check_tools([tool("get_time")]), "auto", format=fmt)
+    sent, calls = streamed(use, pieces)
+    assert sent == content and [c.name for c in calls] == names
+
+
+def test_a_call_to_a_tool_not_offered_stays_text_and_parallel_calls_can_be_cut_to_one():
+    from mrs.server.tool_calls import ToolUse
+
+    text = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    sent, calls = streamed(ToolUse(check_tools([tool("get_time")]), "auto", format="hermes"), [text])
+    assert calls == [] and sent == text
+    two = ['<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'] * 2
+    _, calls = streamed(ToolUse(check_tools([tool("get_time")]), "auto", format="hermes"), two)
+    assert len(calls) == 2
+    _, calls = streamed(ToolUse(check_tools([tool("get_time")]), "auto", parallel=False, format="hermes"), two)
+    assert len(calls) == 1

@@ -48,8 +48,10 @@ from mrs.server.schemas import (
     ollama_options,
     parse_body,
 )
+from mrs.server.tool_calls import ToolUse, ollama_calls, ollama_tool_use
 from mrs.store import read_json
 from mrs.tokenizer import Tokenizer
+from mrs.tools import takes_tools
 
 NDJSON = "application/x-ndjson"
 
@@ -171,8 +173,7 @@ async def chat(request: Request) -> HTTPResponse | None:
     name = get_model(body, "model")
     stream = get_bool(body, "stream", True)
     messages = ollama_messages(body)
-    if body.get("tools"):
-        raise UnsupportedFeatureError(f"model '{name}' does not support tools")
+    tool_use = ollama_tool_use(body)
     _check_unsupported(body)
     opts = ollama_options(body)
     opts.format = _format(body)
@@ -182,19 +183,27 @@ async def chat(request: Request) -> HTTPResponse | None:
         tokenizer = require_tokenizer(loaded, name)
         if not tokenizer.chat_template:
             raise UnsupportedFeatureError(f"model '{name}' has no chat template; use /api/generate with raw: true")
-        return tokenizer.encode_chat(with_default_system(loaded.model, messages))
+        tools = tool_use.bind(loaded.model, name, opts)
+        return tokenizer.encode_chat(with_default_system(loaded.model, messages), tools=tools)
 
-    return await _run(request, name, keep, opts, stream, chat=True, build=build, load_only=not messages)
+    return await _run(request, name, keep, opts, stream, chat=True, build=build, load_only=not messages,
+                      tool_use=tool_use)
 
 
 async def _run(request: Request, name: str, keep: float, opts, stream: bool, *, chat: bool, build,
-               load_only: bool) -> HTTPResponse | None:
+               load_only: bool, tool_use: ToolUse | None = None) -> HTTPResponse | None:
     started = time.perf_counter()
     manager = request.app.ctx.manager
     head = {"model": name}
+    tool_use = tool_use or ToolUse()
 
-    def piece(content: str) -> dict:
-        return {"message": {"role": "assistant", "content": content}} if chat else {"response": content}
+    def piece(content: str, calls=()) -> dict:
+        if not chat:
+            return {"response": content}
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = ollama_calls(calls)
+        return {"message": message}
 
     if load_only:  # Ollama: an empty prompt / no messages loads (or, with keep_alive 0, unloads) the model
         async with manager.use(name, keep) as (loaded, _):
@@ -209,7 +218,8 @@ async def _run(request: Request, name: str, keep: float, opts, stream: bool, *, 
             if not stream:
                 result = (await collect(gen))[0]
                 done = result["completion"]
-                out = {**head, "created_at": now_rfc3339(), **piece(done.text), "done": True,
+                content, calls = tool_use.result(loaded.model, done)
+                out = {**head, "created_at": now_rfc3339(), **piece(content, calls), "done": True,
                        **_stats(done, load_seconds, started, result["queued"])}
                 if not chat:
                     out["context"] = ids + done.token_ids
@@ -217,14 +227,21 @@ async def _run(request: Request, name: str, keep: float, opts, stream: bool, *, 
                     out["logprobs"] = _logprobs(loaded.model, result["tokens"])
                 return json_response(out)
             response = await request.respond(content_type=NDJSON)
+            held = tool_use.stream()
             try:
                 async for _, event in gen.events():
-                    if event.text or event.tokens:
-                        chunk = {**head, "created_at": now_rfc3339(), **piece(event.text), "done": False}
+                    text = held.push(event.text)
+                    if text or event.tokens:
+                        chunk = {**head, "created_at": now_rfc3339(), **piece(text), "done": False}
                         if opts.logprobs:
                             chunk["logprobs"] = _logprobs(loaded.model, event.tokens)
                         await response.send(dumps(chunk) + "\n")
                     if event.done is not None:
+                        _, calls = tool_use.result(loaded.model, event.done)
+                        rest = held.finish(calls)
+                        if rest or calls:   # Ollama streams the calls in a chunk of their own
+                            chunk = {**head, "created_at": now_rfc3339(), **piece(rest, calls), "done": False}
+                            await response.send(dumps(chunk) + "\n")
                         final = {**head, "created_at": now_rfc3339(), **piece(""), "done": True,
                                  **_stats(event.done, load_seconds, started, event.queued_seconds)}
                         if not chat:
@@ -357,6 +374,8 @@ def _show(manager, name: str) -> dict:
         if isinstance(generation.get(key), (int, float)):
             parameters.append(f"{ours:<30} {generation[key]}")
     capabilities = {"causal": ["completion"], "encoder": ["embedding"]}.get(kind, [])
+    if kind == "causal" and takes_tools(template):
+        capabilities.append("tools")
     return {"license": "", "modelfile": f"# Modelfile generated by mrs\nFROM {canonical}\n",
             "parameters": "\n".join(parameters), "template": template, "details": _details(info),
             "model_info": model_info, "capabilities": capabilities, "modified_at": rfc3339(info.get("modified"))}

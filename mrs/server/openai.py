@@ -35,6 +35,7 @@ from mrs.server.common import (
     token_text,
 )
 from mrs.server.ollama import _in_thread, list_infos
+from mrs.server.tool_calls import ToolUse, openai_call_deltas, openai_calls, openai_tool_use
 from mrs.server.schemas import (
     BadRequestError,
     UnsupportedFeatureError,
@@ -73,12 +74,6 @@ def _usage(prompt_tokens: int, completion_tokens: int, gen: Generation) -> dict:
             "prompt_tokens_details": {"cached_tokens": gen.cached_tokens}}
 
 
-def _check_tools(body: dict) -> None:
-    if body.get("tools") or body.get("functions"):
-        raise UnsupportedFeatureError("tools / function calling are not supported by mrs")
-    choice = body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        raise UnsupportedFeatureError("tool_choice is not supported by mrs")
 
 
 def _response_format(body: dict, messages: list[dict]) -> str | dict | None:
@@ -138,7 +133,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     opts = openai_options(body, chat=True)
     stream = bool(get_bool(body, "stream", False))
     include_usage = _stream_options(body, stream)
-    _check_tools(body)
+    tool_use = openai_tool_use(body)
     opts.format = _response_format(body, messages)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": name, "system_fingerprint": "mrs"}
@@ -147,7 +142,8 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         tokenizer = require_tokenizer(loaded, name)
         if not tokenizer.chat_template:
             raise UnsupportedFeatureError(f"model '{name}' has no chat template; use /v1/completions")
-        ids = tokenizer.encode_chat(with_default_system(loaded.model, messages))
+        tools = tool_use.bind(loaded.model, name, opts)
+        ids = tokenizer.encode_chat(with_default_system(loaded.model, messages), tools=tools)
         gen = Generation(loaded, [ids], opts, request.app.ctx.metrics).start()
         try:
             if not stream:
@@ -155,20 +151,23 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                 choices = []
                 for index in sorted(results):
                     done = results[index]["completion"]
-                    choices.append({"index": index,
-                                    "message": {"role": "assistant", "content": done.text, "refusal": None},
+                    content, calls = tool_use.result(loaded.model, done)
+                    message = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
+                    if calls:
+                        message["tool_calls"] = openai_calls(calls)
+                    choices.append({"index": index, "message": message,
                                     "logprobs": _chat_logprobs(loaded.model, results[index]["tokens"])
                                     if opts.logprobs else None,
-                                    "finish_reason": done.finish_reason})
+                                    "finish_reason": "tool_calls" if calls else done.finish_reason})
                 used = sum(r["completion"].completion_tokens for r in results.values())
                 return json_response({**head, "choices": choices, "usage": _usage(len(ids), used, gen)})
-            return await _stream_chat(request, loaded, gen, head, opts, include_usage, len(ids))
+            return await _stream_chat(request, loaded, gen, head, opts, include_usage, len(ids), tool_use)
         finally:
             gen.cancel()
 
 
 async def _stream_chat(request: Request, loaded: Loaded, gen: Generation, head: dict, opts, include_usage: bool,
-                       prompt_tokens: int) -> None:
+                       prompt_tokens: int, tool_use: ToolUse) -> None:
     head = {**head, "object": "chat.completion.chunk"}
     response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
     sse = SSE(response)
@@ -181,15 +180,23 @@ async def _stream_chat(request: Request, loaded: Loaded, gen: Generation, head: 
         return {**head, "choices": [choice], **extra}
 
     used = 0
+    held = {index: tool_use.stream() for index in range(opts.n)}
     try:
         for index in range(opts.n):
             await sse.data(chunk(index, {"role": "assistant", "content": ""}))
         async for index, event in gen.events():
-            if event.text or event.tokens:
-                await sse.data(chunk(index, {"content": event.text}, tokens=event.tokens))
+            text = held[index].push(event.text)
+            if text or event.tokens:
+                await sse.data(chunk(index, {"content": text}, tokens=event.tokens))
             if event.done is not None:
                 used += event.done.completion_tokens
-                await sse.data(chunk(index, {}, event.done.finish_reason))
+                _, calls = tool_use.result(loaded.model, event.done)
+                rest = held[index].finish(calls)
+                if rest:
+                    await sse.data(chunk(index, {"content": rest}))
+                for piece in openai_call_deltas(calls):
+                    await sse.data(chunk(index, {"tool_calls": piece}))
+                await sse.data(chunk(index, {}, "tool_calls" if calls else event.done.finish_reason))
         if include_usage:
             await sse.data({**head, "choices": [], "usage": _usage(prompt_tokens, used, gen)})
         await sse.data("[DONE]")

@@ -314,8 +314,47 @@ def keep_alive(body: dict, default: float) -> float:
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def _tool_fields(m: dict, i: int, role: str) -> dict:
+    """An assistant's ``tool_calls`` (arguments as objects, whichever dialect sent them) and a
+    tool result's ``tool_call_id`` / ``tool_name`` (also as ``name``, which templates read)."""
+    extra: dict = {}
+    calls = m.get("tool_calls")
+    if calls is not None and role == "assistant":
+        if not isinstance(calls, list):
+            raise InvalidParameterError(f"messages[{i}].tool_calls", calls, "a list of {function: {name, arguments}}")
+        extra["tool_calls"] = []
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            where = f"messages[{i}].tool_calls[{j}]"
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidParameterError(where, call, "{function: {name, arguments}}")
+            arguments = function.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except json.JSONDecodeError:
+                    raise InvalidParameterError(f"{where}.function.arguments", arguments,
+                                                "a JSON object (as a string or an object)") from None
+            if not isinstance(arguments, dict):
+                raise InvalidParameterError(f"{where}.function.arguments", arguments, "a JSON object")
+            entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+            if isinstance(call.get("id"), str):
+                entry["id"] = call["id"]
+            extra["tool_calls"].append(entry)
+    if role == "tool":
+        for key in ("tool_call_id", "tool_name", "name"):
+            value = m.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidParameterError(f"messages[{i}].{key}", value, "a string")
+            if value is not None:
+                extra[key] = value
+        if "tool_name" in extra:
+            extra.setdefault("name", extra["tool_name"])
+    return extra
+
+
 def ollama_messages(body: dict) -> list[dict]:
-    """Ollama chat ``messages`` -> [{role, content}] (images and tool calls are refused)."""
+    """Ollama chat ``messages`` -> [{role, content, ...tool fields}] (images are refused)."""
     messages = body.get("messages")
     if messages is None:
         return []
@@ -334,12 +373,12 @@ def ollama_messages(body: dict) -> list[dict]:
             raise InvalidParameterError(f"messages[{i}].content", content, "a string")
         if m.get("images"):
             raise UnsupportedFeatureError("this model does not support images")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **_tool_fields(m, i, role)})
     return out
 
 
 def openai_messages(body: dict) -> list[dict]:
-    """OpenAI ``messages`` (string or text-part content; 'developer' = system) -> [{role, content}]."""
+    """OpenAI ``messages`` (string or text-part content; 'developer' = system) -> [{role, content, ...}]."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameterError("messages", messages, "a non-empty list of {role, content} objects")
@@ -367,5 +406,5 @@ def openai_messages(body: dict) -> list[dict]:
             content = "".join(texts)
         if not isinstance(content, str):
             raise InvalidParameterError(f"messages[{i}].content", content, "a string or a list of text parts")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **_tool_fields(m, i, role)})
     return out
