@@ -36,7 +36,7 @@ from mrs.errors import (
     ModelNotFoundError,
     MrsError,
 )
-from mrs.server import metrics, native, ollama, openai
+from mrs.server import metrics, native, ollama, openai, openapi
 from mrs.server.common import error_response
 from mrs.server.schemas import parse_duration
 
@@ -74,6 +74,7 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
     openai.register(app)
     native.register(app)
     metrics.register(app)
+    openapi.register(app)
 
     app.on_request(_preflight_and_auth)
     app.on_response(_cors)
