@@ -4,11 +4,13 @@ OpenAI's ``response_format: {"type": "json_schema"}``).
 A schema compiles into nodes; the automaton below walks them byte by byte, like
 ``mrs.constrain.feed`` walks plain JSON, and hands scalar values (strings, numbers,
 booleans, null, untyped values) to that plain automaton. Enforced: ``type`` (one or a
-list), ``properties`` (only declared keys, each at most once, any order), ``required``,
-``items``, ``minItems``/``maxItems``, ``maxLength`` (characters; an escape is one),
-``enum``/``const``, and ``anyOf``/``oneOf`` of plain types. Other keywords (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are
-not enforced: such a node accepts any JSON value of its type; so does an object
-without ``properties`` (any keys). A value at the top level that could go on (a
+list), ``properties`` (only declared keys, each at most once, any order; ``{}`` allows
+none), ``required``, ``items``, ``minItems``/``maxItems``, ``maxLength`` (characters; an
+escape is one), ``enum``/``const``, and ``anyOf``/``oneOf`` of plain types or of branches
+whose values end at a byte of their own (objects, arrays, strings, booleans, null; every
+branch runs until the bytes rule it out, so oneOf is held to anyOf). Other keywords
+(``pattern``, ``format``, ``minimum``, ``$ref``, ...) are not enforced: such a node accepts
+any JSON value of its type; so does an object without ``properties`` (any keys). A value at the top level that could go on (a
 number) ends with one whitespace byte; at most ``MAX_LEADING_WHITESPACE`` bytes come
 before it, and ``MAX_WHITESPACE`` in any other gap (fewer with ``x-mrs-whitespace``).
 """
@@ -46,6 +48,8 @@ class Node:
     enum: tuple[bytes, ...] | None = None           # json-encoded allowed values
     max_length: int | None = None                   # most characters of a string value
     gap: int = MAX_WHITESPACE                       # most whitespace bytes between its tokens
+    branches: tuple[int, ...] = ()                  # anyOf/oneOf of structured branches: their nodes
+    closed: bool = False                            # declares ``properties`` (maybe none): only those keys
 
 
 _NODES: list[Node] = [Node(ANY)]                    # node 0: any JSON value
@@ -88,6 +92,16 @@ def _kinds(schema: dict) -> frozenset[str] | None:
     return frozenset(kinds)
 
 
+def _delimited(node: Node) -> bool:
+    """Whether every value of a node ends at a byte of its own (not numbers, which end at the
+    byte after them): what a branch of a union must be, so each branch knows when it is done."""
+    if node.branches:
+        return True                                 # made of delimited branches
+    if node.enum is not None:
+        return all(v[:1] in (b'"', b"{", b"[", b"t", b"f", b"n") for v in node.enum)
+    return node.kinds <= {"object", "array", "string", "boolean", "null"}
+
+
 def _compile(schema: Any, depth: int, gap: int = MAX_WHITESPACE) -> int:
     if not isinstance(schema, dict) or depth > MAX_DEPTH:
         return 0
@@ -101,7 +115,12 @@ def _compile(schema: Any, depth: int, gap: int = MAX_WHITESPACE) -> int:
         if isinstance(schema.get(union), list) and schema[union]:
             kinds = [_kinds(branch) if isinstance(branch, dict) and set(branch) <= {"type", "description", "title"}
                      else None for branch in schema[union]]
-            return _add(Node(frozenset().union(*kinds), gap=gap)) if all(kinds) else 0
+            if all(kinds):
+                return _add(Node(frozenset().union(*kinds), gap=gap))
+            branches = tuple(_compile(branch, depth + 1, gap) for branch in schema[union])
+            if all(b and _delimited(_NODES[b]) for b in branches):
+                return _add(Node(ANY, branches=branches, gap=gap))
+            return 0
     kinds = _kinds(schema)
     if kinds is None:
         return 0
@@ -115,7 +134,8 @@ def _compile(schema: Any, depth: int, gap: int = MAX_WHITESPACE) -> int:
         raise InvalidParameterError("format", required, "a JSON schema 'required' list of property names")
     names = {p for p, _ in properties}
     wanted = frozenset(json.dumps(r, ensure_ascii=False).encode()[1:] for r in required)
-    if properties and not wanted <= names:
+    closed = "object" in kinds and isinstance(raw, dict)
+    if closed and not wanted <= names:
         raise InvalidParameterError("format", required, "required properties that are declared in 'properties'")
     low, high = schema.get("minItems", 0), schema.get("maxItems")
     if not isinstance(low, int) or low < 0 or (high is not None and (not isinstance(high, int) or high < low)):
@@ -124,7 +144,8 @@ def _compile(schema: Any, depth: int, gap: int = MAX_WHITESPACE) -> int:
     longest = schema.get("maxLength") if "string" in kinds else None
     if longest is not None and (isinstance(longest, bool) or not isinstance(longest, int) or longest < 0):
         raise InvalidParameterError("format", longest, "a JSON schema maxLength of 0 or more")
-    return _add(Node(kinds, tuple(properties), wanted, items, low, high, max_length=longest, gap=gap))
+    return _add(Node(kinds, tuple(properties), wanted, items, low, high, max_length=longest, gap=gap,
+                     closed=closed))
 
 
 # --- the automaton --------------------------------------------------------------------
@@ -143,11 +164,13 @@ def _done(frames: tuple) -> tuple:
 def _start(frames: tuple, node_id: int, byte: int) -> tuple | None:
     """The first byte of a value of ``node_id``."""
     node = _NODES[node_id]
+    if node.branches:  # every branch that can start so runs on, each in its own frames
+        return _union(frames, tuple(s for b in node.branches if (s := _start((), b, byte)) is not None))
     if node.enum is not None:
         return _literal(frames, node.enum, byte)
     if len(frames) >= MAX_DEPTH:
         return None
-    if byte == ord("{") and "object" in node.kinds and node.properties:
+    if byte == ord("{") and "object" in node.kinds and node.closed:
         return ("obj_first", frames + (("o", node_id, frozenset()),), None, 0)
     if byte == ord("[") and "array" in node.kinds:
         return ("arr_first", frames + (("a", node_id, 0),), None, 0)
@@ -157,6 +180,15 @@ def _start(frames: tuple, node_id: int, byte: int) -> tuple | None:
         return None
     sub = feed(VALUE_START, byte)
     return None if sub is None else ("scalar", frames, (sub, node_id, (0, 0)), 0)
+
+
+def _union(frames: tuple, alive: tuple) -> tuple | None:
+    """The branches of a union still alive; the union is done when one of them is."""
+    if not alive:
+        return None
+    if any(state[0] == "done" for state in alive):
+        return _done(frames)
+    return ("union", frames, tuple(dict.fromkeys(alive)), 0)
 
 
 def _literal(frames: tuple, candidates: tuple[bytes, ...], byte: int) -> tuple | None:
@@ -189,6 +221,8 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
             if length is None:
                 return None
         return ("scalar", frames, (nxt, node_id, length), 0)
+    if mode == "union":
+        return _union(frames, tuple(n for state in x if (n := schema_feed(state, byte)) is not None))
     if mode == "lit":
         nxt = _literal(frames, x, byte)
         if nxt is not None:

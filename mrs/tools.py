@@ -237,15 +237,13 @@ def check_choice(value: Any, tools: list[dict]) -> str | None:
 def call_schema(tools: list[dict], choice: str) -> dict:
     """The JSON schema of one call when ``choice`` is "required" or a function's name.
 
-    A named function's call follows its ``parameters``; with several tools and "required"
-    the name is one of theirs and the arguments any object (the schema automaton has no
-    anyOf of objects to tie each name to its parameters)."""
-    chosen = [t["function"] for t in tools if choice in ("required", t["function"]["name"])]
-    if len(chosen) == 1:
-        name, arguments = {"const": chosen[0]["name"]}, chosen[0]["parameters"]
-    else:
-        name, arguments = {"enum": [f["name"] for f in chosen]}, {"type": "object"}
+    A call is ``{"name": <const>, "arguments": <the function's parameters>}``; with several
+    tools and "required", any one of those calls (an anyOf the automaton runs branch by
+    branch, so the arguments follow the parameters of the name they go with)."""
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               "arguments": t["function"]["parameters"]},
+              "required": ["name", "arguments"]}
+             for t in tools if choice in ("required", t["function"]["name"])]
     # Compact: a model writes whitespace between tokens where it has no better idea, and a
     # call's JSON gains nothing from it.
-    return {"type": "object", "properties": {"name": name, "arguments": arguments},
-            "required": ["name", "arguments"], COMPACT_KEY: 1}
+    return {**calls[0], COMPACT_KEY: 1} if len(calls) == 1 else {"anyOf": calls, COMPACT_KEY: 1}

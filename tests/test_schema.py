@@ -178,12 +178,54 @@ def test_max_length_counts_characters_an_escape_or_a_multibyte_one_as_one():
 
 def test_keywords_mrs_does_not_enforce_leave_the_value_free():
     """As documented in mrs.schema: no error, the value is only held to its type (or to
-    nothing, for a union of structured branches)."""
+    nothing, for a union with a number among structured branches)."""
     assert run(b'"b"', {"type": "string", "pattern": "^a$"})[0] == "done"
     assert run(b'{"n": 99}', {"type": "object", "properties": {"n": {"type": "integer", "maximum": 1}},
                               "required": ["n"]})[0] == "done"
-    union = {"anyOf": [{"type": "object", "properties": {"a": {}}}, {"type": "null"}]}
+    union = {"anyOf": [{"type": "object", "properties": {"a": {}}}, {"type": "integer"}]}
     assert run(b'"anything"', union)[0] == "done" and run(b'[1, {"b": 2}]', union)[0] == "done"
+
+
+CALLS = {"anyOf": [
+    {"type": "object", "properties": {"name": {"const": "get_time"}, "arguments": {
+        "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}}},
+     "required": ["name", "arguments"]},
+    {"type": "object", "properties": {"name": {"const": "add"}, "arguments": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"]}}, "required": ["name", "arguments"]},
+    {"type": "null"},
+]}
+
+
+@pytest.mark.parametrize("text, ok", [
+    (b'{"name": "get_time", "arguments": {"zone": "CET"}}', True),
+    (b'{"arguments": {"a": 1, "b": 2}, "name": "add"}', True),          # arguments first: both run until the name
+    (b'{"name": "add", "arguments": {"a": 1, "b": -4}}', True),
+    (b"null", True),
+    (b'{"name": "get_time", "arguments": {"a": 1, "b": 2}}', False),    # the other branch's arguments
+    (b'{"name": "add", "arguments": {"zone": "UTC"}}', False),
+    (b'{"arguments": {"zone": "UTC"}, "name": "add"}', False),           # ruled out at the name
+    (b'{"name": "add", "arguments": {"a": 1}}', False),                  # a required argument missing
+    (b'{"name": "other", "arguments": {}}', False),
+    (b'"text"', False),
+])
+def test_a_union_of_objects_holds_each_value_to_one_branch(text, ok):
+    state = run(text, CALLS)
+    assert (state is not None and state[0] == "done") == ok, text
+
+
+def test_declared_empty_properties_allow_only_the_empty_object():
+    empty = {"type": "object", "properties": {}}
+    assert run(b"{}", empty)[0] == "done" and run(b"{ }", empty)[0] == "done"
+    assert run(b'{"a": 1}', empty) is None
+    assert run(b'{"a": 1}', {"type": "object"})[0] == "done"        # no properties: any keys
+
+
+def test_a_union_inside_an_object_ends_where_its_branch_ends():
+    schema = {"type": "object", "properties": {"call": CALLS, "n": {"type": "integer"}}, "required": ["call", "n"]}
+    assert run(b'{"call": {"name": "add", "arguments": {"a": 1, "b": 2}}, "n": 3}', schema)[0] == "done"
+    assert run(b'{"call": null, "n": 3}', schema)[0] == "done"
+    assert run(b'{"call": {"name": "add", "arguments": {"a": 1, "b": 2}}}', schema) is None   # n is required
 
 
 def test_whitespace_before_the_value_is_capped_so_an_answer_cannot_be_blank():

@@ -109,7 +109,8 @@ def test_a_required_call_follows_the_named_functions_parameters():
         "type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": parameters},
         "required": ["name", "arguments"], "x-mrs-whitespace": 1}
     several = call_schema(tools, "required")
-    assert several["properties"]["name"] == {"enum": ["get_weather", "get_time"]}
+    assert [(b["properties"]["name"], b["properties"]["arguments"]) for b in several["anyOf"]] == [
+        ({"const": "get_weather"}, parameters), ({"const": "get_time"}, {"type": "object", "properties": {}})]
     assert call_schema(tools[:1], "required")["properties"]["arguments"] == parameters
 
 
