@@ -301,10 +301,10 @@ class Chat:
         """One turn: add the user's message, stream the answer, remember it."""
         c = self.conversation
         c.messages.append({"role": "user", "content": text})
-        self.make_room()
         answer, interrupted = "", False
         pieces: Iterator[str] | None = None
         try:
+            self.make_room()
             with MarkdownStream(self.console) as out:
                 try:
                     pieces = self.session.stream(c.prompt(), **c.options)

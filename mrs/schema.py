@@ -10,8 +10,8 @@ escape is one), ``enum``/``const``, and ``anyOf``/``oneOf`` of plain types or of
 whose values end at a byte of their own (objects, arrays, strings, booleans, null; every
 branch runs until the bytes rule it out, so oneOf is held to anyOf). Other keywords
 (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are not enforced: such a node accepts
-any JSON value of its type; so does an object without ``properties`` (any keys). A value at the top level that could go on (a
-number) ends with one whitespace byte; at most ``MAX_LEADING_WHITESPACE`` bytes come
+any JSON value of its type; so does an object without ``properties`` (any keys). A number
+has at most 40 characters before its exponent and stays within a double's range. A value at the top level that could go on (a number) ends with one whitespace byte; at most ``MAX_LEADING_WHITESPACE`` bytes come
 before it, and ``MAX_WHITESPACE`` in any other gap (fewer with ``x-mrs-whitespace``).
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,10 @@ TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 # mrs's own keyword (JSON Schema lets vendors add them; validators ignore it): the most
 # whitespace bytes in any gap inside the value, below MAX_WHITESPACE (tool calls use 1).
 COMPACT_KEY = "x-mrs-whitespace"
+# A number has at most this many characters before its exponent, and is a finite double
+# (JSON readers turn 1e999 into infinity, which JSON cannot carry on).
+MAX_NUMBER_CHARS = 40
+_NUMBER_MODES = frozenset({"minus", "zero", "int", "dot", "frac", "e", "esign", "exp"})
 ANY = frozenset(TYPES)
 VALUE_START: State = ("value", "", 0)
 
@@ -179,7 +184,10 @@ def _start(frames: tuple, node_id: int, byte: int) -> tuple | None:
     if kind is None or not (kind in node.kinds or (kind == "number" and "integer" in node.kinds)):
         return None
     sub = feed(VALUE_START, byte)
-    return None if sub is None else ("scalar", frames, (sub, node_id, (0, 0)), 0)
+    if sub is None:
+        return None
+    length = chr(byte) if sub[0] in _NUMBER_MODES else (0, 0)    # a number's text, or a string's count
+    return ("scalar", frames, (sub, node_id, length), 0)
 
 
 def _union(frames: tuple, alive: tuple) -> tuple | None:
@@ -215,6 +223,9 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
             return _done(frames) if not frames and byte in WHITESPACE else schema_feed(_done(frames), byte)
         if nxt[0] == "done":
             return _done(frames)
+        if isinstance(length, str):     # a number: its characters so far
+            length = _count_number(length, byte)
+            return None if length is None else ("scalar", frames, (nxt, node_id, length), 0)
         longest = _NODES[node_id].max_length
         if longest is not None and sub[0] == "str":
             length = _count_character(length, byte, longest)
@@ -269,6 +280,18 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
             return ("value", frames, node.items, 0) if node.max_items is None or seen < node.max_items else None
         return _done(frames[:-1]) if byte == ord("]") and seen >= node.min_items else None
     raise AssertionError(f"unknown schema automaton mode {mode!r}")
+
+
+def _count_number(text: str, byte: int) -> str | None:
+    """A number's characters with one more byte; None once it could only be too long or
+    past a double's range (a JSON reader would make it infinity)."""
+    text += chr(byte)
+    mantissa, _, exponent = text.lower().partition("e")
+    if len(mantissa) > MAX_NUMBER_CHARS or len(exponent.lstrip("+-")) > 3:
+        return None
+    if text[-1].isdigit() and not math.isfinite(float(text)):
+        return None
+    return text
 
 
 def _count_character(length: tuple[int, int], byte: int, longest: int) -> tuple[int, int] | None:

@@ -33,8 +33,13 @@ FORMATS = ("hermes", "llama3", "mistral", "granite", "phi4")
 # What a template mentions when it teaches each format (checked in this order).
 _TEMPLATE_MARKS = (("mistral", "[TOOL_CALLS]"), ("hermes", "<tool_call>"), ("granite", "<|tool_call|>"),
                    ("phi4", "<|tool|>"), ("llama3", "<|python_tag|>"), ("llama3", '"parameters"'))
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_DECODER = json.JSONDecoder()
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# NaN and Infinity are not JSON: a call holding one could not be sent on (allow_nan=False).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ def parse_calls(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
         raise ValueError(f"unknown tool call format {fmt!r}; known: {', '.join(FORMATS)}")
     try:
         content, calls = parse(text)
-    except ValueError:
+    except (ValueError, RecursionError):     # not a call, or nested past what JSON may hold
         return text, []
     return (content.strip(), calls) if calls else (text, [])
 
@@ -89,9 +94,10 @@ def _call(value: Any) -> ToolCall:
         raise ValueError("not a call")
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):
-        arguments = json.loads(arguments) if arguments.strip() else {}
+        arguments = json.loads(arguments, parse_constant=_no_constant) if arguments.strip() else {}
     if not isinstance(arguments, dict):
         raise ValueError("arguments are not an object")
+    json.dumps(arguments, allow_nan=False)       # ValueError for 1e999 (inf), which JSON cannot carry
     return ToolCall(value["name"], arguments)
 
 
@@ -150,7 +156,7 @@ def _mistral(text: str) -> tuple[str, list[ToolCall]]:
             calls += _calls_list(value)
         else:                                     # name[ARGS]{...}
             name, marker, after = rest.partition("[ARGS]")
-            if not marker or not _NAME.match(name.strip()):
+            if not marker or not _NAME.fullmatch(name.strip()):
                 raise ValueError("not a call")
             arguments, end = _json_at(after, 0)
             calls.append(_call({"name": name.strip(), "arguments": arguments}))
@@ -198,7 +204,7 @@ def check_tools(value: Any, key: str = "tools") -> list[dict]:
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
             raise InvalidParameterError(f"{key}[{i}]", tool, "{type: 'function', function: {name, parameters}}")
         name = function.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidParameterError(f"{key}[{i}].function.name", name, "1-64 letters, digits, _ . : -")
         if name in names:
             raise InvalidParameterError(f"{key}[{i}].function.name", name, "a name no other tool has")

@@ -186,3 +186,25 @@ def test_mamba_state_is_reused_only_where_it_stands(mamba, batchers):
     restarted = ask(batcher, partial)
     assert restarted.cached_tokens == 0
     assert restarted.token_ids == cold(mamba, partial)
+
+
+def test_an_empty_slot_is_taken_before_one_that_holds_something(llama, batchers):
+    """Even when the empty slot was used more recently (a cancelled Mamba stream leaves one)."""
+    import numpy as np
+
+    batcher = batchers(llama)
+    with batcher._cond:
+        held, used = batcher._held, batcher._used
+        batcher._held, batcher._used = [np.asarray(PROMPT, np.int32), np.zeros(0, np.int32)], [1, 5]
+        try:
+            assert batcher._plan(Request([90, 91, 92], lambda e: None), [0, 1]) == (1, 0)
+        finally:
+            batcher._held, batcher._used = held, used
+
+
+def test_length_dependent_rotary_scaling_turns_reuse_off(fixture_path):
+    """Dynamic NTK scales a step's frequencies by its length: a reused prefix's keys would
+    not be a cold prefill's, so greedy output could change."""
+    dynamic = mrs.load(str(fixture_path("llama-dynamic")))
+    assert dynamic.config.rope.kind == "dynamic"
+    assert Batcher(dynamic, slots=1, max_len=64).prefix_reuse is False

@@ -214,6 +214,17 @@ def test_a_union_of_objects_holds_each_value_to_one_branch(text, ok):
     assert (state is not None and state[0] == "done") == ok, text
 
 
+def test_every_number_written_is_a_finite_double():
+    schema = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
+    for good in (b'{"x": 1e99}', b'{"x": 1.7976931348623157e+308}', b'{"x": -123456789012345678901234}',
+                 b'{"x": 4.5E-12}', b'{"x": 0.25}', b'{"x": 1e-999}', b'{"x": 12e+306}'):
+        state = run(good, schema)
+        assert state[0] == "done" and json.loads(good)["x"] not in (float("inf"), float("-inf")), good
+    for bad in (b'{"x": 1e999', b'{"x": 4.624E111111914', b'{"x": 1' + b"0" * 40, b'{"x": 123e+307',
+                b'{"x": 1e-1000'):
+        assert run(bad, schema) is None, bad
+
+
 def test_declared_empty_properties_allow_only_the_empty_object():
     empty = {"type": "object", "properties": {}}
     assert run(b"{}", empty)[0] == "done" and run(b"{ }", empty)[0] == "done"

@@ -47,7 +47,8 @@ def test_a_named_tool_choice_returns_a_call_that_follows_its_schema_plain_and_st
                "temperature": 1.0, "seed": seed}
     r = client.chat.completions.create(**options)
     choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    # OpenAI's finish for a call the client named is "stop" ("tool_calls" is the model's choice).
+    assert choice.finish_reason == "stop" and choice.message.content is None
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_forecast" and call.id.startswith("call_")
     arguments = json.loads(call.function.arguments)
@@ -59,7 +60,7 @@ def test_a_named_tool_choice_returns_a_call_that_follows_its_schema_plain_and_st
     assert {p.index for p in pieces} == {0}
     joined = "".join(p.function.arguments or "" for p in pieces)
     assert json.loads(joined) == arguments          # same seed: the same call, whole or in pieces
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].choices[0].finish_reason == "stop"
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
@@ -121,6 +122,11 @@ def test_ollama_tools_reach_a_template_that_takes_them(ollama_client, live_serve
 def test_tools_for_a_model_whose_template_takes_none_are_refused(client, live_server):
     with pytest.raises(openai.BadRequestError, match="does not support tools"):
         client.chat.completions.create(model=LLAMA, messages=ASK, tools=TOOLS, max_tokens=4)
+    # ... unless tool_choice says none: the tools are not used, so the request is answered.
+    none = client.chat.completions.create(model=LLAMA, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=4,
+                                          temperature=0)
+    plain = client.chat.completions.create(model=LLAMA, messages=ASK, max_tokens=4, temperature=0)
+    assert none.choices[0].message.content == plain.choices[0].message.content
     with live_server.client() as c:
         r = c.post("/api/chat", json={"model": LLAMA, "messages": ASK, "tools": TOOLS, "stream": False})
         assert r.status_code == 400 and "does not support tools" in r.json()["error"]
@@ -128,7 +134,11 @@ def test_tools_for_a_model_whose_template_takes_none_are_refused(client, live_se
                                                                         "function": {"name": "nope"}}},
                     {"tools": [{"type": "function", "function": {"name": "a b"}}]},
                     {"messages": [*ASK, {"role": "assistant", "tool_calls": [
-                        {"function": {"name": "f", "arguments": "{not json"}}]}]}):
+                        {"function": {"name": "f", "arguments": "{not json"}}]}]},
+                    {"messages": [*ASK, {"role": "assistant", "tool_calls": [     # nested past the parser's depth
+                        {"function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}]}]},
+                    {"messages": [*ASK, {"role": "assistant", "tool_calls": [
+                        {"function": {"name": "f", "arguments": '{"x": NaN}'}}]}]}):
             r = c.post("/v1/chat/completions", json={"model": TOOLS_LLAMA, "messages": ASK, **bad})
             assert r.status_code == 400, (bad, r.text)
             check_openai_error(r.json())

@@ -138,18 +138,29 @@ def test_tools_and_tool_messages_reach_the_template_as_transformers_renders_them
     assert '"name": "get_weather"' in ours and '{"city": "Paris"}' in ours and "18 C and sunny" in ours
 
 
-def streamed(use, pieces: list[str]) -> tuple[str, list]:
-    """What a stream of ``pieces`` sends as content, and the calls at its end (the model's
-    raw text is the pieces joined)."""
+class FakeTokenizer:
+    """Token i is ``pieces[i]``; those in ``special`` vanish from the visible text."""
+
+    def __init__(self, pieces: list[str], special: frozenset[str] = frozenset()):
+        self.pieces, self.special = pieces, special
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in ids if not (skip_special_tokens and self.pieces[i] in self.special))
+
+
+def streamed(use, pieces: list[str], special: frozenset[str] = frozenset()) -> tuple[str, list, str]:
+    """(content a stream of ``pieces`` sends, the calls at its end, the content a whole
+    answer gives): one token per piece, special ones invisible in the streamed text."""
     from types import SimpleNamespace
 
-    held, sent = use.stream(), ""
-    for piece in pieces:
-        sent += held.push(piece)
-    text = "".join(pieces)
-    model = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids, skip_special_tokens: text))
-    _, calls = use.result(model, SimpleNamespace(text=text, token_ids=[], finish_reason="stop"))
-    return sent + held.finish(calls), calls
+    tokenizer = FakeTokenizer(pieces, special)
+    held, sent = use.stream(tokenizer), ""
+    for i, piece in enumerate(pieces):
+        sent += held.push(tokenizer.decode([i]), [i])
+    ids = list(range(len(pieces)))
+    done = SimpleNamespace(text=tokenizer.decode(ids), token_ids=ids, finish_reason="stop")
+    content, calls = use.result(SimpleNamespace(tokenizer=tokenizer), done)
+    return sent + held.finish(content, calls), calls, content
 
 
 @pytest.mark.parametrize("fmt, pieces, content, names", [
@@ -166,18 +177,53 @@ def test_a_stream_holds_back_what_may_open_a_call_and_sends_the_rest(fmt, pieces
     from mrs.server.tool_calls import ToolUse
 
     use = ToolUse(check_tools([tool("get_time")]), "auto", format=fmt)
-    sent, calls = streamed(use, pieces)
+    sent, calls, whole = streamed(use, pieces)
     assert sent == content and [c.name for c in calls] == names
+    assert sent.strip() == whole.strip()   # the whole answer's content, but for the whitespace already sent
+
+
+@pytest.mark.parametrize("fmt, pieces, special, content", [
+    # Mistral's newer form and Phi-4-mini's with special markers: the visible text alone
+    # would look like words, and the call would go out twice (as content and as a call).
+    ("mistral", ["[TOOL_CALLS]", "get_time", "[ARGS]", "{}"], {"[TOOL_CALLS]", "[ARGS]"}, ""),
+    ("phi4", ["<|tool_call|>", '[{"name": "get_time", "arguments": {}}]', "<|/tool_call|>"],
+     {"<|tool_call|>", "<|/tool_call|>"}, ""),
+    ("hermes", ["Sure. ", "<tool_call>", '{"name": "get_time", "arguments": {}}', "</tool_call>"],
+     {"<tool_call>", "</tool_call>"}, "Sure. "),
+    # Text after a call is sent at the end, as a whole answer has it.
+    ("hermes", ["Let me check. ", '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
+                " Meanwhile, more."], set(), "Let me check.  Meanwhile, more."),
+])
+def test_a_call_behind_special_tokens_is_held_back_and_sent_once(fmt, pieces, special, content):
+    from mrs.server.tool_calls import ToolUse
+
+    use = ToolUse(check_tools([tool("get_time")]), "auto", format=fmt)
+    sent, calls, whole = streamed(use, pieces, frozenset(special))
+    assert [c.name for c in calls] == ["get_time"]
+    assert sent == content and sent.strip() == whole.strip()
 
 
 def test_a_call_to_a_tool_not_offered_stays_text_and_parallel_calls_can_be_cut_to_one():
     from mrs.server.tool_calls import ToolUse
 
     text = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
-    sent, calls = streamed(ToolUse(check_tools([tool("get_time")]), "auto", format="hermes"), [text])
+    sent, calls, _ = streamed(ToolUse(check_tools([tool("get_time")]), "auto", format="hermes"), [text])
     assert calls == [] and sent == text
     two = ['<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'] * 2
-    _, calls = streamed(ToolUse(check_tools([tool("get_time")]), "auto", format="hermes"), two)
+    _, calls, _ = streamed(ToolUse(check_tools([tool("get_time")]), "auto", format="hermes"), two)
     assert len(calls) == 2
-    _, calls = streamed(ToolUse(check_tools([tool("get_time")]), "auto", parallel=False, format="hermes"), two)
+    _, calls, _ = streamed(ToolUse(check_tools([tool("get_time")]), "auto", parallel=False, format="hermes"), two)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("text", ['<tool_call>{"name": "get_time", "arguments": {"x": NaN}}</tool_call>',
+                                  '<tool_call>{"name": "get_time", "arguments": {"x": 1e999}}</tool_call>',
+                                  '<tool_call>{"name": "get_time", "arguments": ' + "[" * 5000 + "]" * 5000
+                                  + "}</tool_call>"])
+def test_a_call_json_cannot_carry_stays_text(text):
+    assert parse_calls(text, "hermes") == (text, [])
+
+
+def test_a_tool_name_is_the_whole_string():
+    with pytest.raises(InvalidParameterError):
+        check_tools([{"function": {"name": "get_time\n"}}])

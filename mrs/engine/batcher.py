@@ -76,6 +76,7 @@ class Event:
 
     text: str = ""
     tokens: list[TokenLogprob] = field(default_factory=list)  # only with logprobs
+    ids: list[int] = field(default_factory=list)               # the new token ids (EOS not included)
     done: Completion | None = None
     error: BaseException | None = None
     queued_seconds: float = 0.0
@@ -112,6 +113,7 @@ class _Active:
         self.admitted_at = admitted_at
         self.first_token_at = 0.0
         self.pending: list[TokenLogprob] = []
+        self.pending_ids: list[int] = []
         self.finished = False
         self.sampled: list[int] = []    # every token sampled for it, in order
         self.reused = 0                 # leading prompt tokens its slot already held
@@ -134,7 +136,10 @@ class Batcher:
         self.max_len = int(min(max_len or model.context_length, model.context_length))
         self.max_queue = int(max_queue)
         self.num_top = num_top
-        self.prefix_reuse = bool(prefix_reuse)
+        # Dynamic-NTK and longrope scale rotary frequencies by each step's length, so a reused
+        # prefix's keys would differ from a cold prefill's past the original context: no reuse.
+        rope = getattr(getattr(model, "config", None), "rope", None)
+        self.prefix_reuse = bool(prefix_reuse) and getattr(rope, "kind", None) not in ("dynamic", "longrope")
         self.runner = model.runner
         self.steps = model.runner.steps(num_top)
         self._cond = threading.Condition()
@@ -354,6 +359,7 @@ class Batcher:
         piece = row.add(token, logprob)
         if not is_eos:
             self.tokens_total += 1
+            active.pending_ids.append(token)
             if request.logprobs:
                 k = request.top_logprobs
                 alternatives = [(int(a), float(b)) for a, b in zip(top[0][:k], top[1][:k], strict=True)] if k else []
@@ -365,11 +371,11 @@ class Batcher:
                               prompt_seconds=active.first_token_at - active.admitted_at,
                               decode_seconds=now - active.first_token_at, logprobs=row.logprobs,
                               cached_tokens=active.reused)
-            self._emit(active, Event(piece, active.pending, done=done))
-            active.pending = []
+            self._emit(active, Event(piece, active.pending, active.pending_ids, done=done))
+            active.pending, active.pending_ids = [], []
         elif piece:
-            self._emit(active, Event(piece, active.pending))
-            active.pending = []
+            self._emit(active, Event(piece, active.pending, active.pending_ids))
+            active.pending, active.pending_ids = [], []
 
     def _emit(self, active: _Active, event: Event) -> None:
         event.queued_seconds = active.admitted_at - active.request.submitted_at
@@ -428,7 +434,7 @@ class Batcher:
         best = max(free, key=lambda i: (reuse[i], -self._used[i]))
         if reuse[best] and 2 * reuse[best] >= len(self._held[best]):
             return best, reuse[best]
-        oldest = min(free, key=lambda i: self._used[i])
+        oldest = min(free, key=lambda i: (len(self._held[i]) > 0, self._used[i]))
         return oldest, reuse[oldest]
 
     def _planned_width(self, request: Request, slot: int, reuse: int) -> int:

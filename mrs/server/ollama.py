@@ -227,18 +227,18 @@ async def _run(request: Request, name: str, keep: float, opts, stream: bool, *, 
                     out["logprobs"] = _logprobs(loaded.model, result["tokens"])
                 return json_response(out)
             response = await request.respond(content_type=NDJSON)
-            held = tool_use.stream()
+            held = tool_use.stream(loaded.model.tokenizer if tool_use.active else None)
             try:
                 async for _, event in gen.events():
-                    text = held.push(event.text)
+                    text = held.push(event.text, event.ids)
                     if text or event.tokens:
                         chunk = {**head, "created_at": now_rfc3339(), **piece(text), "done": False}
                         if opts.logprobs:
                             chunk["logprobs"] = _logprobs(loaded.model, event.tokens)
                         await response.send(dumps(chunk) + "\n")
                     if event.done is not None:
-                        _, calls = tool_use.result(loaded.model, event.done)
-                        rest = held.finish(calls)
+                        content, calls = tool_use.result(loaded.model, event.done)
+                        rest = held.finish(content, calls)
                         if rest or calls:   # Ollama streams the calls in a chunk of their own
                             chunk = {**head, "created_at": now_rfc3339(), **piece(rest, calls), "done": False}
                             await response.send(dumps(chunk) + "\n")

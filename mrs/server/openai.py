@@ -158,7 +158,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                     choices.append({"index": index, "message": message,
                                     "logprobs": _chat_logprobs(loaded.model, results[index]["tokens"])
                                     if opts.logprobs else None,
-                                    "finish_reason": "tool_calls" if calls else done.finish_reason})
+                                    "finish_reason": tool_use.finish_reason(calls, done.finish_reason)})
                 used = sum(r["completion"].completion_tokens for r in results.values())
                 return json_response({**head, "choices": choices, "usage": _usage(len(ids), used, gen)})
             return await _stream_chat(request, loaded, gen, head, opts, include_usage, len(ids), tool_use)
@@ -180,23 +180,23 @@ async def _stream_chat(request: Request, loaded: Loaded, gen: Generation, head: 
         return {**head, "choices": [choice], **extra}
 
     used = 0
-    held = {index: tool_use.stream() for index in range(opts.n)}
+    held = {index: tool_use.stream(loaded.model.tokenizer) for index in range(opts.n)}
     try:
         for index in range(opts.n):
             await sse.data(chunk(index, {"role": "assistant", "content": ""}))
         async for index, event in gen.events():
-            text = held[index].push(event.text)
+            text = held[index].push(event.text, event.ids)
             if text or event.tokens:
                 await sse.data(chunk(index, {"content": text}, tokens=event.tokens))
             if event.done is not None:
                 used += event.done.completion_tokens
-                _, calls = tool_use.result(loaded.model, event.done)
-                rest = held[index].finish(calls)
+                content, calls = tool_use.result(loaded.model, event.done)
+                rest = held[index].finish(content, calls)
                 if rest:
                     await sse.data(chunk(index, {"content": rest}))
                 for piece in openai_call_deltas(calls):
                     await sse.data(chunk(index, {"tool_calls": piece}))
-                await sse.data(chunk(index, {}, "tool_calls" if calls else event.done.finish_reason))
+                await sse.data(chunk(index, {}, tool_use.finish_reason(calls, event.done.finish_reason)))
         if include_usage:
             await sse.data({**head, "choices": [], "usage": _usage(prompt_tokens, used, gen)})
         await sse.data("[DONE]")

@@ -331,9 +331,9 @@ def _tool_fields(m: dict, i: int, role: str) -> dict:
             arguments = function.get("arguments", {})
             if isinstance(arguments, str):
                 try:
-                    arguments = json.loads(arguments) if arguments.strip() else {}
-                except json.JSONDecodeError:
-                    raise InvalidParameterError(f"{where}.function.arguments", arguments,
+                    arguments = json.loads(arguments, parse_constant=_reject_constant) if arguments.strip() else {}
+                except (ValueError, RecursionError):
+                    raise InvalidParameterError(f"{where}.function.arguments", arguments[:200],
                                                 "a JSON object (as a string or an object)") from None
             if not isinstance(arguments, dict):
                 raise InvalidParameterError(f"{where}.function.arguments", arguments, "a JSON object")

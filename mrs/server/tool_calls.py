@@ -49,7 +49,7 @@ class ToolUse:
 
     def bind(self, model: Any, name: str, opts: Any) -> list[dict] | None:
         """Check the model takes tools; constrain a required call. Returns the tools to render."""
-        if not self.tools:
+        if not self.active:   # tool_choice "none": no tools in the prompt, whatever the template takes
             return None
         template = getattr(model.tokenizer, "chat_template", None)
         if not takes_tools(template):
@@ -60,7 +60,7 @@ class ToolUse:
                 raise InvalidParameterError("response_format", opts.format,
                                             "absent when tool_choice requires a call")
             opts.format = call_schema(self.tools, self.choice)
-        return self.tools if self.active else None
+        return self.tools
 
     def result(self, model: Any, done: Any) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a finished choice."""
@@ -71,8 +71,9 @@ class ToolUse:
                 return done.text, []     # cut off before the call closed: what there is, as text
             try:
                 value = json.loads(done.text)
+                json.dumps(value, allow_nan=False)      # 1e999 parses as inf, which JSON cannot carry
                 return "", [ToolCall(value["name"], value["arguments"])]
-            except (ValueError, KeyError, TypeError):   # the schema should make this unreachable
+            except (ValueError, KeyError, TypeError, RecursionError):
                 return done.text, []
         raw = model.tokenizer.decode(done.token_ids, skip_special_tokens=False)
         content, calls = parse_calls(raw, self.format)
@@ -80,45 +81,71 @@ class ToolUse:
         calls = [c for c in calls if c.name in declared][: None if self.parallel else 1]
         return (content, calls) if calls else (done.text, [])
 
-    def stream(self) -> HeldText:
-        return HeldText(self)
+    def finish_reason(self, calls: list[ToolCall], finish: str) -> str:
+        """OpenAI's: "tool_calls" when the model chose to call (auto, required); a call to the
+        function the client named is an ordinary "stop"."""
+        if not calls:
+            return finish
+        return "stop" if self.required and self.choice != "required" else "tool_calls"
+
+    def stream(self, tokenizer: Any = None) -> HeldText:
+        return HeldText(self, tokenizer)
 
 
 class HeldText:
     """One streamed choice's text: ``push`` returns what may go out as content now; the rest
-    waits for the end, where ``ToolUse.result`` decides."""
+    waits for the end, where ``ToolUse.result`` decides.
 
-    def __init__(self, use: ToolUse):
-        self.use = use
-        self.text = ""          # everything so far
-        self.sent = 0           # how much of it went out as content
+    Whether text may open a call is judged on the raw text (the ids decoded with special
+    tokens), since a format's markers may be special tokens the visible text never shows."""
+
+    def __init__(self, use: ToolUse, tokenizer: Any = None):
+        self.use, self.tokenizer = use, tokenizer
+        self.ids: list[int] = []
+        self.pending = ""        # visible text not yet sent
+        self.sent = ""           # visible text sent
         self.holding = use.active
+        self.held_all = False    # a call has begun: nothing more goes out until the end
 
-    def push(self, piece: str) -> str:
-        self.text += piece
+    def raw(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=False) if self.tokenizer else self.sent + \
+            self.pending
+
+    def push(self, piece: str, ids: list[int] = ()) -> str:
+        self.pending += piece
+        self.ids.extend(ids)
         if not self.holding:
-            return self._release(len(self.text))
-        if self.use.required:
+            return self._release(len(self.pending))
+        if self.use.required or self.held_all:
             return ""
+        raw = self.raw()
         if self.use.format == "hermes":
-            start = self.text.find(_HERMES, self.sent)
-            if start >= 0:
-                return self._release(start)
-            keep = next((k for k in range(min(len(_HERMES) - 1, len(self.text) - self.sent), 0, -1)
-                         if _HERMES.startswith(self.text[len(self.text) - k:])), 0)
-            return self._release(len(self.text) - keep)
-        head = self.text.lstrip()
+            if _HERMES in raw:
+                self.held_all = True
+                return ""
+            # Hold the visible tail that may be the start of "<tool_call>" (when it is text).
+            keep = next((k for k in range(min(len(_HERMES) - 1, len(raw)), 0, -1) if _HERMES.startswith(raw[-k:])), 0)
+            return self._release(max(0, len(self.pending) - keep))
+        head = raw.lstrip()
         if head and not any(o.startswith(head) or head.startswith(o) for o in _OPENINGS[self.use.format]):
             self.holding = False     # it does not open a call: stream it as it comes
-            return self._release(len(self.text))
+            return self._release(len(self.pending))
         return ""
 
-    def finish(self, calls: list[ToolCall]) -> str:
-        """The content still to send once the answer is complete."""
-        return "" if calls else self._release(len(self.text))
+    def finish(self, content: str, calls: list[ToolCall]) -> str:
+        """The content still to send once the answer is complete (``content``: the parsed
+        text around the calls, or the whole answer when there are none)."""
+        if not calls:
+            return self._release(len(self.pending))
+        self.pending = ""
+        if content.startswith(self.sent):
+            return content[len(self.sent):]
+        done = self.sent.strip()      # parsed content is stripped
+        return content[len(done):] if done and content.startswith(done) else ""
 
     def _release(self, upto: int) -> str:
-        out, self.sent = self.text[self.sent:upto], max(self.sent, upto)
+        out, self.pending = self.pending[:upto], self.pending[upto:]
+        self.sent += out
         return out
 
 
