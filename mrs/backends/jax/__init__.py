@@ -192,6 +192,7 @@ class JaxRunner:
         self.dtype, self.device = dtype, device
         self.vocab_size = int(getattr(config, "vocab_size", 0))
         self._steps: dict[int, JaxSteps] = {}
+        self._compiled: dict[int, CompiledSteps] = {}
         self._encoders: dict[Any, Any] = {}
 
     @property
@@ -249,8 +250,10 @@ class JaxRunner:
 
     def compiled(self, num_top: int = 0) -> CompiledSteps:
         """The raw jitted functions (params first), for research code and benchmarks."""
-        return shared_steps(self.graphdef, self.config, self.dtype, self.device, self.vocab_size, num_top,
-                            self.identity)
+        if num_top not in self._compiled:   # held here: the shared table only holds it weakly
+            self._compiled[num_top] = shared_steps(self.graphdef, self.config, self.dtype, self.device,
+                                                   self.vocab_size, num_top, self.identity)
+        return self._compiled[num_top]
 
     def steps(self, num_top: int = 0) -> JaxSteps:
         if num_top not in self._steps:

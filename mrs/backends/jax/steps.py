@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from typing import Any
 
 import jax
@@ -155,7 +156,10 @@ class JaxPending:
         return self._read
 
 
-_SHARED: dict[Any, CompiledSteps] = {}
+# Weak: a model's compiled code (each CPU executable in its own memory maps) goes when the
+# last model using it goes, so a server that loads and unloads models does not keep it all
+# (a process past the kernel's max_map_count, 65530 maps, aborts in the compiler).
+_SHARED: weakref.WeakValueDictionary[Any, CompiledSteps] = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
 
 
@@ -168,9 +172,10 @@ def shared_steps(graphdef: Any, config: Any, dtype: Any, device: jax.Device, voc
     except TypeError:
         return CompiledSteps(graphdef, device, vocab_size, num_top, identity)
     with _SHARED_LOCK:
-        if key not in _SHARED:
-            _SHARED[key] = CompiledSteps(graphdef, device, vocab_size, num_top, identity)
-        return _SHARED[key]
+        steps = _SHARED.get(key)
+        if steps is None:
+            steps = _SHARED[key] = CompiledSteps(graphdef, device, vocab_size, num_top, identity)
+        return steps
 
 
 class JaxSteps:
