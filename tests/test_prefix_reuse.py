@@ -71,7 +71,8 @@ def cold(model, ids: list[int], max_tokens: int = 6, **kwargs) -> list[int]:
 def fresh_start(batcher: Batcher) -> None:
     """Forget what every slot holds (a test's first request then finds nothing)."""
     with batcher._cond:
-        batcher._held = [batcher._held[0][:0]] * batcher.slots
+        for slot in range(batcher.slots):
+            batcher.prefixes.take(slot)
 
 
 PROMPT = [11, 42, 7, 99, 23, 5, 61, 8, 30, 17]
@@ -188,18 +189,16 @@ def test_mamba_state_is_reused_only_where_it_stands(mamba, batchers):
     assert restarted.token_ids == cold(mamba, partial)
 
 
-def test_an_empty_slot_is_taken_before_one_that_holds_something(llama, batchers):
-    """Even when the empty slot was used more recently (a cancelled Mamba stream leaves one)."""
-    import numpy as np
+def test_an_empty_slot_is_taken_before_one_that_holds_something():
+    """Even when the empty slot was left more recently (a cancelled Mamba stream leaves one)."""
+    from mrs.engine.prefixes import SlotPrefixes
 
-    batcher = batchers(llama)
-    with batcher._cond:
-        held, used = batcher._held, batcher._used
-        batcher._held, batcher._used = [np.asarray(PROMPT, np.int32), np.zeros(0, np.int32)], [1, 5]
-        try:
-            assert batcher._plan(Request([90, 91, 92], lambda e: None), [0, 1]) == (1, 0)
-        finally:
-            batcher._held, batcher._used = held, used
+    slots = SlotPrefixes(2, rewindable=False)
+    slots.release(0, PROMPT, [1, 2], fed=2)      # a conversation
+    slots.release(1, PROMPT, [1, 2], fed=3)      # cancelled: a state that saw an unknown token
+    assert len(slots.held[0]) == len(PROMPT) + 2 and len(slots.held[1]) == 0 and slots.used == [1, 2]
+    assert slots.plan([90, 91, 92], [0, 1]) == (1, 0)
+    assert slots.plan(PROMPT + [1, 2, 7], [0, 1]) == (0, len(PROMPT) + 2)
 
 
 def test_length_dependent_rotary_scaling_turns_reuse_off(fixture_path):

@@ -15,17 +15,8 @@ Prefill is compiled once per prompt bucket, ahead of time and on a helper thread
 request whose bucket is new waits in the queue while it compiles, and the running
 streams keep decoding instead of stalling behind the compiler.
 
-Prefix reuse, llama.cpp's way: a finished request's slot keeps its state (prompt and
-generated tokens) until another request needs the slot, and a new request goes to
-the free slot holding the longest prefix of its tokens, so only the rest is
-prefilled. A conversation resent each turn (chat UIs, agents) then prefills just its
-newest messages. With a fixed set of slots this costs no memory and no copies, where a
-block-level prefix index (vLLM's) would need a paged cache; the price is that a
-prefix is found only in a slot that is free. A request never waits for a cache:
-slots that are busy are simply not candidates, and a request that finds no prefix
-worth keeping takes the least recently used free slot. A recurrent (Mamba) state
-cannot be cut back, so it is reused only when the slot's whole history starts the
-new prompt.
+A finished request's slot keeps its state for the next request that starts with it
+(mrs.engine.prefixes: which slot, how much is reused).
 """
 
 from __future__ import annotations
@@ -42,13 +33,12 @@ import numpy as np
 
 from mrs.constrain import JsonConstraint, constraint_for
 from mrs.engine.generate import Completion, RowOutput, allowed_rows
+from mrs.engine.prefixes import SlotPrefixes
 from mrs.engine.shapes import MIN_PROMPT_BUCKET, bucket, step_positions
 from mrs.errors import ContextLengthError, InvalidParameterError, MrsError
 from mrs.sampling import MAX_NUM_TOP, SamplingParams
 
 log = logging.getLogger(__name__)
-
-_NOTHING = np.zeros((0,), np.int32)
 
 
 class ServerBusyError(MrsError):
@@ -223,7 +213,7 @@ class Batcher:
         counters: requests, tokens, reused prompt tokens, compilations."""
         with self._cond:
             busy = sum(1 for r in self._rows if r is not None)
-            held = sum(len(self._held[i]) for i in self._free())
+            held = self.prefixes.tokens(self._free())
             return {"slots": self.slots, "busy": busy, "queued": len(self._pending), "cached": held,
                     "requests": self.requests_total, "tokens": self.tokens_total, "reused": self.reused_total,
                     "compiled": self.steps.compiled_count()}
@@ -284,9 +274,7 @@ class Batcher:
         self.tokens = self.steps.tokens(np.zeros((B,), np.int32))
         self.step = np.zeros((B,), np.int32)
         self._inflight = None
-        self._held = [_NOTHING] * B     # per slot: the tokens whose state it holds, when free
-        self._used = [0] * B            # per slot: when a request last left it (LRU order)
-        self._clock = 0
+        self.prefixes = SlotPrefixes(B, rewindable=self.runner.rewindable(self.cache), enabled=self.prefix_reuse)
 
     def _run(self) -> None:
         while True:
@@ -390,52 +378,13 @@ class Batcher:
             for i, active in enumerate(self._rows):
                 if active is not None and not active.live:
                     self._rows[i] = None
-                    self._held[i] = self._holding(active)
-                    self._clock += 1
-                    self._used[i] = self._clock
-
-    def _holding(self, active: _Active) -> np.ndarray:
-        """The tokens whose state a slot holds once its request leaves: the prompt, then the
-        generated tokens decode steps fed (those known here: a cancelled row's last ones
-        may never have been read back, and a KV prefix of what the slot holds is still right)."""
-        if not self.prefix_reuse:
-            return _NOTHING
-        known = min(active.fed, len(active.sampled))
-        if known < active.fed and not self.runner.rewindable(self.cache):
-            return _NOTHING   # a recurrent state that saw tokens we do not know is of no use
-        return np.asarray(list(active.request.prompt_ids) + active.sampled[:known], np.int32)
+                    self.prefixes.release(i, active.request.prompt_ids, active.sampled, active.fed)
 
     def _free(self) -> list[int]:
         return [i for i, r in enumerate(self._rows) if r is None]
 
-    def _reusable(self, slot: int, ids: np.ndarray) -> int:
-        """How many leading tokens of ``ids`` the free slot's state can stand for; at least one
-        token is always left to prefill (its logits give the first new token)."""
-        held = self._held[slot]
-        n = min(len(held), len(ids) - 1)
-        if n <= 0:
-            return 0
-        same = held[:n] == ids[:n]
-        k = n if same.all() else int(np.argmin(same))
-        if k < len(held) and not self.runner.rewindable(self.cache):
-            return 0          # a recurrent state is reusable only at the exact point it stands for
-        return k
-
     def _plan(self, request: Request, free: list[int]) -> tuple[int, int]:
-        """(slot, reused tokens) for a request among the free slots.
-
-        The slot with the longest prefix, when at least half of what it holds is reused
-        (an unrelated request that shares a system prompt should not evict a long
-        conversation); otherwise the least recently used slot, empty ones first."""
-        if not free:
-            return -1, 0
-        ids = np.asarray(request.prompt_ids, np.int32)
-        reuse = {i: self._reusable(i, ids) for i in free}
-        best = max(free, key=lambda i: (reuse[i], -self._used[i]))
-        if reuse[best] and 2 * reuse[best] >= len(self._held[best]):
-            return best, reuse[best]
-        oldest = min(free, key=lambda i: (len(self._held[i]) > 0, self._used[i]))
-        return oldest, reuse[oldest]
+        return self.prefixes.plan(request.prompt_ids, free)
 
     def _planned_width(self, request: Request, slot: int, reuse: int) -> int:
         request.width = bucket(len(request.prompt_ids) - reuse, MIN_PROMPT_BUCKET, self.max_len)
@@ -456,7 +405,7 @@ class Batcher:
                     waiting.append(request)
                     continue
                 free.remove(slot)
-                self._held[slot] = _NOTHING
+                self.prefixes.take(slot)
                 admitted.append((slot, request, reuse))
             self._pending.extendleft(reversed(waiting))
         return admitted
