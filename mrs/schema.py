@@ -11,7 +11,7 @@ whose values end at a byte of their own (objects, arrays, strings, booleans, nul
 branch runs until the bytes rule it out, so oneOf is held to anyOf). Other keywords
 (``pattern``, ``format``, ``minimum``, ``$ref``, ...) are not enforced: such a node accepts
 any JSON value of its type; so does an object without ``properties`` (any keys). A number
-has at most 40 characters before its exponent and stays within a double's range. A value at the top level that could go on (a number) ends with one whitespace byte; at most ``MAX_LEADING_WHITESPACE`` bytes come
+has at most 40 characters before its exponent and stays below 10^308 (a finite double). A value at the top level that could go on (a number) ends with one whitespace byte; at most ``MAX_LEADING_WHITESPACE`` bytes come
 before it, and ``MAX_WHITESPACE`` in any other gap (fewer with ``x-mrs-whitespace``).
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +31,8 @@ TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 # mrs's own keyword (JSON Schema lets vendors add them; validators ignore it): the most
 # whitespace bytes in any gap inside the value, below MAX_WHITESPACE (tool calls use 1).
 COMPACT_KEY = "x-mrs-whitespace"
-# A number has at most this many characters before its exponent, and is a finite double
-# (JSON readers turn 1e999 into infinity, which JSON cannot carry on).
+# A number has at most this many characters before its exponent, and stays below 10^308:
+# a finite double (JSON readers turn 1e999 into infinity, which JSON cannot carry on).
 MAX_NUMBER_CHARS = 40
 _NUMBER_MODES = frozenset({"minus", "zero", "int", "dot", "frac", "e", "esign", "exp"})
 ANY = frozenset(TYPES)
@@ -186,7 +185,7 @@ def _start(frames: tuple, node_id: int, byte: int) -> tuple | None:
     sub = feed(VALUE_START, byte)
     if sub is None:
         return None
-    length = chr(byte) if sub[0] in _NUMBER_MODES else (0, 0)    # a number's text, or a string's count
+    length = _count_number(_NO_NUMBER, sub[0], byte) if sub[0] in _NUMBER_MODES else (0, 0)
     return ("scalar", frames, (sub, node_id, length), 0)
 
 
@@ -223,8 +222,8 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
             return _done(frames) if not frames and byte in WHITESPACE else schema_feed(_done(frames), byte)
         if nxt[0] == "done":
             return _done(frames)
-        if isinstance(length, str):     # a number: its characters so far
-            length = _count_number(length, byte)
+        if len(length) == len(_NO_NUMBER):     # a number (a string's count is a pair)
+            length = _count_number(length, nxt[0], byte)
             return None if length is None else ("scalar", frames, (nxt, node_id, length), 0)
         longest = _NODES[node_id].max_length
         if longest is not None and sub[0] == "str":
@@ -282,16 +281,26 @@ def schema_feed(state: tuple, byte: int) -> tuple | None:
     raise AssertionError(f"unknown schema automaton mode {mode!r}")
 
 
-def _count_number(text: str, byte: int) -> str | None:
-    """A number's characters with one more byte; None once it could only be too long or
-    past a double's range (a JSON reader would make it infinity)."""
-    text += chr(byte)
-    mantissa, _, exponent = text.lower().partition("e")
-    if len(mantissa) > MAX_NUMBER_CHARS or len(exponent.lstrip("+-")) > 3:
+_NO_NUMBER = (0, 0, 1, 0, 0)   # digits before the point, characters before the exponent, its sign, value, digits
+
+
+def _count_number(length: tuple, mode: str, byte: int) -> tuple | None:
+    """One more byte of a number (``mode``: the plain automaton's state after it); None once
+    it could only be too long or reach 10^308, which a JSON reader makes infinity. Only
+    counts, never the digits: the states repeat, so their token masks stay cached."""
+    whole, chars, sign, exponent, exponent_digits = length
+    if mode in ("minus", "zero", "int", "dot", "frac"):
+        chars += 1
+        whole += mode in ("zero", "int")
+        if mode == "dot" and chars >= MAX_NUMBER_CHARS:
+            return None                       # no room left for the digit a point needs
+    elif mode == "esign":
+        sign = -1 if byte == ord("-") else 1
+    elif mode == "exp":
+        exponent, exponent_digits = exponent * 10 + byte - ord("0"), exponent_digits + 1
+    if chars > MAX_NUMBER_CHARS or exponent_digits > 3 or (sign > 0 and whole + exponent > 308):
         return None
-    if text[-1].isdigit() and not math.isfinite(float(text)):
-        return None
-    return text
+    return (whole, chars, sign, exponent, exponent_digits)
 
 
 def _count_character(length: tuple[int, int], byte: int, longest: int) -> tuple[int, int] | None:

@@ -193,6 +193,7 @@ def test_a_stream_holds_back_what_may_open_a_call_and_sends_the_rest(fmt, pieces
     # Text after a call is sent at the end, as a whole answer has it.
     ("hermes", ["Let me check. ", '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
                 " Meanwhile, more."], set(), "Let me check.  Meanwhile, more."),
+    ("hermes", ["\n", '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "\nDone."], set(), "\nDone."),
 ])
 def test_a_call_behind_special_tokens_is_held_back_and_sent_once(fmt, pieces, special, content):
     from mrs.server.tool_calls import ToolUse

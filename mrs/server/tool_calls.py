@@ -107,9 +107,11 @@ class HeldText:
         self.holding = use.active
         self.held_all = False    # a call has begun: nothing more goes out until the end
 
-    def raw(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=False) if self.tokenizer else self.sent + \
-            self.pending
+    def raw(self, last: int | None = None) -> str:
+        """The text so far with special tokens (its last ``last`` tokens' only, when given)."""
+        if self.tokenizer is None:
+            return self.sent + self.pending
+        return self.tokenizer.decode(self.ids if last is None else self.ids[-last:], skip_special_tokens=False)
 
     def push(self, piece: str, ids: list[int] = ()) -> str:
         self.pending += piece
@@ -118,16 +120,21 @@ class HeldText:
             return self._release(len(self.pending))
         if self.use.required or self.held_all:
             return ""
-        raw = self.raw()
         if self.use.format == "hermes":
+            # The marker is short: the last tokens show it (earlier ones were looked at before),
+            # and decoding only them keeps a long answer linear.
+            raw = self.raw(last=len(_HERMES) + len(ids) + 4)
             if _HERMES in raw:
                 self.held_all = True
                 return ""
             # Hold the visible tail that may be the start of "<tool_call>" (when it is text).
             keep = next((k for k in range(min(len(_HERMES) - 1, len(raw)), 0, -1) if _HERMES.startswith(raw[-k:])), 0)
             return self._release(max(0, len(self.pending) - keep))
-        head = raw.lstrip()
-        if head and not any(o.startswith(head) or head.startswith(o) for o in _OPENINGS[self.use.format]):
+        head = self.raw().lstrip()   # short while undecided: the opening is a few characters
+        openings = _OPENINGS[self.use.format]
+        if any(head.startswith(o) for o in openings):
+            self.held_all = True     # it opens a call: hold to the end, where result() decides
+        elif head and not any(o.startswith(head) for o in openings):
             self.holding = False     # it does not open a call: stream it as it comes
             return self._release(len(self.pending))
         return ""
@@ -141,7 +148,9 @@ class HeldText:
         if content.startswith(self.sent):
             return content[len(self.sent):]
         done = self.sent.strip()      # parsed content is stripped
-        return content[len(done):] if done and content.startswith(done) else ""
+        # (Content that starts with neither is the raw text around the call holding special
+        # tokens the stream never showed: what was sent stands, the rest is dropped.)
+        return content[len(done):] if content.startswith(done) else ""
 
     def _release(self, upto: int) -> str:
         out, self.pending = self.pending[:upto], self.pending[upto:]
