@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import openai
+
+from bench_server import launch
 
 WORDS = ("river stone lantern orbit velvet copper meadow signal harbor crystal thunder garden "
          "engine silver puzzle canyon whisper marble falcon ember").split()
@@ -41,34 +40,11 @@ def default_model() -> Path:
     return Path(assemble())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: Path, reuse: bool, context: int, workdir: Path) -> tuple[subprocess.Popen, str]:
     home = workdir / f"home-{'on' if reuse else 'off'}"
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MRS_")}
-    env.update(MRS_HOME=str(home), MRS_MAX_BATCH="4", MRS_MAX_CONTEXT=str(context), MRS_PREFIX_REUSE=str(reuse),
-               MRS_CONFIG=str(workdir / "none.toml"), MRS_COMPILE_CACHE="off", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "mrs.server", "--port", str(port), "--model", str(model),
-                             "--preload"], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
-                return proc, url
-        except (httpx.TransportError, ValueError):
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise SystemExit("server did not become healthy")
+    return launch(home, str(model), workdir, MRS_MAX_BATCH="4", MRS_MAX_CONTEXT=str(context),
+                  MRS_PREFIX_REUSE=str(reuse), MRS_COMPILE_CACHE="off")
 
 
 def message(seed: int, turn: int, words: int) -> str:

@@ -42,12 +42,18 @@ def start_server(model: Path, max_batch: int, context: int, workdir: Path) -> tu
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "bench--model").exists():
         shutil.copytree(model, home / "bench--model")
+    return launch(home, "bench/model", workdir, MRS_MAX_BATCH=str(max_batch), MRS_MAX_CONTEXT=str(context),
+                  MRS_MAX_QUEUE="256")
+
+
+def launch(home: Path, model: str, workdir: Path, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`python -m mrs.server` over ``home`` with ``model`` preloaded and MRS_* ``settings``
+    (nothing from this shell's MRS_* environment); returns it once /health answers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MRS_")}
-    env.update(MRS_HOME=str(home), MRS_MAX_BATCH=str(max_batch), MRS_MAX_CONTEXT=str(context),
-               MRS_MAX_QUEUE="256", MRS_CONFIG=str(workdir / "none.toml"), JAX_PLATFORMS="cpu")
+    env.update(MRS_HOME=str(home), MRS_CONFIG=str(workdir / "none.toml"), JAX_PLATFORMS="cpu", **settings)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "mrs-bench-jax-cache"))
-    proc = subprocess.Popen([sys.executable, "-m", "mrs.server", "--port", str(port), "--model", "bench/model",
+    proc = subprocess.Popen([sys.executable, "-m", "mrs.server", "--port", str(port), "--model", model,
                              "--preload"], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

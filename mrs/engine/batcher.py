@@ -193,7 +193,7 @@ class Batcher:
             self._pending.append(request)
             free = self._free()
             if free:  # compile the bucket it will need on a helper thread, if new
-                self._prefill_for(self._planned_width(request, *self._plan(request, free)))
+                self._prefill_for(self._planned_width(request, *self.prefixes.plan(request.prompt_ids, free)))
             self.requests_total += 1
             self._cond.notify_all()
         return request
@@ -297,7 +297,8 @@ class Batcher:
         if self._inflight is not None or any(r is not None for r in self._rows):
             return True
         free = self._free()
-        return any(self._planned_width(r, *self._plan(r, free)) in self._prefills for r in self._pending)
+        return any(self._planned_width(r, *self.prefixes.plan(r.prompt_ids, free)) in self._prefills
+                   for r in self._pending)
 
     def _iteration(self) -> None:
         if any(r is not None and r.live and r.row.constraint is not None for r in self._rows):
@@ -383,9 +384,6 @@ class Batcher:
     def _free(self) -> list[int]:
         return [i for i, r in enumerate(self._rows) if r is None]
 
-    def _plan(self, request: Request, free: list[int]) -> tuple[int, int]:
-        return self.prefixes.plan(request.prompt_ids, free)
-
     def _planned_width(self, request: Request, slot: int, reuse: int) -> int:
         request.width = bucket(len(request.prompt_ids) - reuse, MIN_PROMPT_BUCKET, self.max_len)
         return request.width
@@ -400,7 +398,7 @@ class Batcher:
                 request = self._pending.popleft()
                 if request.cancelled:
                     continue
-                slot, reuse = self._plan(request, free)
+                slot, reuse = self.prefixes.plan(request.prompt_ids, free)
                 if self._prefill_for(self._planned_width(request, slot, reuse)) is None:
                     waiting.append(request)
                     continue

@@ -227,7 +227,7 @@ async def _run(request: Request, name: str, keep: float, opts, stream: bool, *, 
                     out["logprobs"] = _logprobs(loaded.model, result["tokens"])
                 return json_response(out)
             response = await request.respond(content_type=NDJSON)
-            held = tool_use.stream(loaded.model.tokenizer if tool_use.active else None)
+            held = tool_use.stream(loaded.model.tokenizer)
             try:
                 async for _, event in gen.events():
                     text = held.push(event.text, event.ids)
