@@ -98,3 +98,17 @@ def test_a_missing_compiler_is_one_reason_not_a_crash(monkeypatch, tmp_path):
         assert lib is None and "no-such-compiler" in why
     finally:
         qm._library.cache_clear()
+
+
+@pytest.mark.parametrize("bits", quant.BITS)
+def test_the_cpu_kernel_is_differentiable_in_x_as_its_reference(cpu_kernel, bits):
+    """QLoRA trains through the kernel: d/dx of x . W^T is the cotangent . W, read dequantized."""
+    x, w, _ = case(bits, 32, 3, 24, 128, "float16", bits)
+    leaves = [jnp.asarray(w[n]) for n in quant.LEAVES]
+    cotangent = np.random.default_rng(1).standard_normal((3, 24)).astype(np.float32)
+
+    def pulled(f):
+        return jax.grad(lambda x: jnp.sum(f(x, *leaves, bits) * cotangent))(jnp.asarray(x))
+    got, want = pulled(qm.qmatmul_cpu), pulled(qm.qmatmul_reference)
+    assert np.abs(np.asarray(want)).max() > 0.1
+    close(got, np.asarray(want, np.float64), 24)

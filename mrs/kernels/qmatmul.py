@@ -27,7 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import jax
@@ -149,8 +149,29 @@ def cpu_kernel_error() -> str | None:
     return None
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
 def qmatmul_cpu(x: jax.Array, weight: jax.Array, scales: jax.Array, biases: jax.Array, bits: int) -> jax.Array:
-    """The C++ kernel: x [..., K] in float32 (others are cast) -> [..., N] in x's dtype."""
+    """The C++ kernel: x [..., K] in float32 (others are cast) -> [..., N] in x's dtype.
+    Differentiable in x (QLoRA trains through it); the weights are constants."""
+    return _qmatmul_cpu(x, weight, scales, biases, bits)
+
+
+def _qmatmul_cpu_forward(x, weight, scales, biases, bits):
+    return _qmatmul_cpu(x, weight, scales, biases, bits), (weight, scales, biases)
+
+
+def _qmatmul_cpu_backward(bits, saved, grad):
+    """dL/dx = grad . dequantize(W): the backward pass is a dense GEMM over the training
+    batch's rows, where dequantizing once per step costs little."""
+    weight, scales, biases = saved
+    dx = jnp.einsum("...n,nk->...k", grad, dequantize(weight, scales, biases, bits, grad.dtype))
+    return dx, np.zeros(weight.shape, jax.dtypes.float0), jnp.zeros_like(scales), jnp.zeros_like(biases)
+
+
+qmatmul_cpu.defvjp(_qmatmul_cpu_forward, _qmatmul_cpu_backward)
+
+
+def _qmatmul_cpu(x: jax.Array, weight: jax.Array, scales: jax.Array, biases: jax.Array, bits: int) -> jax.Array:
     why = cpu_kernel_error()
     if why is not None:
         raise RuntimeError(f"the CPU quantized-matmul kernel is not available: {why}")
