@@ -68,6 +68,8 @@ def write_positions(cache_layer: jax.Array, new: jax.Array, positions: jax.Array
     and a row can never overwrite another position by clamping.
     """
     slots, max_len = cache_layer.shape[0], cache_layer.shape[3 if time_last else 2]
+    if max_len == 0:        # a cache with no room (a training forward) keeps nothing
+        return cache_layer
     index = jnp.where(positions < 0, max_len, positions)                     # [B, T]
     rows = jnp.broadcast_to(jnp.arange(slots)[:, None], index.shape)          # [B, T]
     new = new.astype(cache_layer.dtype)

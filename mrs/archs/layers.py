@@ -100,10 +100,21 @@ class Embedding(nnx.Module):
 
 Projection = Linear | Embedding
 
+# The module types swap_linears offers to a variant: the dense ones here, plus the variants
+# that other modules register (quantized, LoRA-adapted), so one can wrap another.
+_PROJECTIONS: list[type] = [Linear, Embedding]
+
+
+def register_projection(cls: type) -> type:
+    """Mark a projection variant (a class decorator) so ``swap_linears`` sees its instances."""
+    _PROJECTIONS.append(cls)
+    return cls
+
 
 def swap_linears(model: nnx.Module, variant: Callable[[str, Projection], nnx.Module | None]) -> list[str]:
     """Replace projections in place, the way mlx-lm's ``nn.quantize`` picks layers:
-    ``variant(path, layer)`` sees every Linear and Embedding with its parameter path
+    ``variant(path, layer)`` sees every Linear and Embedding (and registered variant
+    of them, such as a quantized Linear) with its parameter path
     (``model.layers.0.self_attn.qkv_proj``) and returns a replacement, or None to keep
     it. Returns the paths replaced. The one place quantized, LoRA-adapted and sharded
     projections plug in."""
@@ -115,7 +126,7 @@ def swap_linears(model: nnx.Module, variant: Callable[[str, Projection], nnx.Mod
             if not isinstance(child, nnx.Module):
                 continue
             path = f"{prefix}{key}"
-            if isinstance(child, (Linear, Embedding)):
+            if isinstance(child, tuple(_PROJECTIONS)):
                 new = variant(path, child)
                 if new is not None:
                     if isinstance(node, nnx.List):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mrs.archs.layers import Embedding, Linear, Projection
+from mrs.archs.layers import Embedding, Linear, Projection, register_projection
 from mrs.kernels.qmatmul import dequantize, qmatmul
 from mrs.quant import QuantFormat
 
@@ -35,6 +35,7 @@ def _axes(param: Any) -> tuple[str, ...]:
     return tuple(param.get_metadata().get("axes") or ())
 
 
+@register_projection
 class QuantLinear(nnx.Module):
     """y = x W^T + b with W quantized; built from the dense Linear it replaces."""
 
@@ -54,6 +55,7 @@ class QuantLinear(nnx.Module):
         return y + self.bias[...] if self.bias is not None else y
 
 
+@register_projection
 class QuantEmbedding(nnx.Module):
     """Token embeddings [V, D] quantized: a lookup dequantizes only the rows it takes, and
     ``attend`` (the tied output head) is a quantized matmul over the whole table."""
