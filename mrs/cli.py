@@ -16,41 +16,11 @@ from typing import Any
 
 import fire
 
+from mrs.cli_args import UsageError, _choice, _int, _text
+from mrs.cli_train import TrainCommands
 from mrs.errors import ModelNotFoundError, MrsError
 
 log = logging.getLogger("mrs")
-
-
-class UsageError(MrsError):
-    """A command-line argument is wrong."""
-
-
-def _text(value: Any, name: str) -> str:
-    # Fire turns "123" into an int and "a,b" into a tuple; a prompt is always text.
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    if value is None or isinstance(value, bool):
-        raise UsageError(f"{name} must be text")
-    return str(value)
-
-
-def _int(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise UsageError(f"{name} must be an integer, got {value!r}")
-    try:
-        number = int(value)
-    except ValueError:
-        raise UsageError(f"{name} must be an integer, got {value!r}") from None
-    if (low is not None and number < low) or (high is not None and number > high):
-        bounds = f">= {low}" if high is None else f"from {low} to {high}"
-        raise UsageError(f"{name} must be {bounds}, got {number}")
-    return number
-
-
-def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def _refs(value: Any, name: str) -> list[str]:
@@ -87,7 +57,7 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=1, ensure_ascii=False))
 
 
-class CLI:
+class CLI(TrainCommands):
     """mrs — run, serve and inspect open LLMs (Llama, Mistral, Granite, Qwen, Phi, Gemma, Mamba, BERT) on JAX or MLX.
 
     Models: pull, search, list (ls), show (info), rm, cp, verify, checksums.
@@ -110,14 +80,17 @@ class CLI:
         flags = {k: v for k, v in self._flags.items() if v is not None}
         return Settings.load(**flags, **{k: v for k, v in overrides.items() if v is not None})
 
-    def _load(self, model: str):
+    def _load(self, model: str, adapter: Any = None):
         import mrs
 
         if not model:
             raise UsageError("--model is required (a folder path or an org/name in the models directory)")
         settings = self._settings()
+        options = settings.load_options()
+        if adapter is not None:
+            options["adapter"] = Path(_text(adapter, "--adapter")).expanduser()
         return mrs.load(_text(model, "--model"), dtype=settings.dtype, device=settings.device, home=settings.home,
-                        **settings.load_options())
+                        **options)
 
     # -- models on disk -------------------------------------------------------------------
 
@@ -347,7 +320,7 @@ class CLI:
     def generate(self, prompt: Any, model: str = "", max_tokens: int = 256, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.9, min_p: float = 0.0, repeat_penalty: float = 1.0,
                  seed: int | None = None, system: str | None = None, stop: Any = None, raw: bool = False,
-                 format: str = "text", json_mode: bool = False):
+                 format: str = "text", json_mode: bool = False, adapter: Any = None):
         """Generate text for PROMPT and stream it to stdout.
 
         Args:
@@ -365,13 +338,14 @@ class CLI:
             raw: send the prompt as-is, without the model's chat template.
             format: 'text' streams the text; 'json' prints one JSON object with text and stats.
             json_mode: constrain the answer to one JSON object (Ollama's format=json).
+            adapter: a LoRA adapter folder (PEFT's format, e.g. from `mrs finetune`) merged in at load.
         """
         import mrs
 
         text = sys.stdin.read() if prompt == "-" else _text(prompt, "PROMPT")
         if format not in ("text", "json"):
             raise UsageError(f"--format must be text or json, got {format!r}")
-        loaded = self._load(model)
+        loaded = self._load(model, adapter)
         has_template = loaded.tokenizer is not None and loaded.tokenizer.chat_template
         if raw or not has_template:
             if system is not None and not raw:
@@ -397,7 +371,8 @@ class CLI:
 
     def chat(self, ref: Any = None, prompt: Any = None, system: Any = None, temperature: Any = None,
              top_p: Any = None, top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
-             save_on_exit: bool = False, stats: bool = False, model: Any = None, context: Any = None):
+             save_on_exit: bool = False, stats: bool = False, model: Any = None, context: Any = None,
+             adapter: Any = None):
         """Chat with a model in the terminal (markdown answers, slash commands; /help lists them).
 
         A conversation that outgrows the context drops its oldest turns (the system message
@@ -418,6 +393,7 @@ class CLI:
             session: a session file: loaded at start if it exists.
             save_on_exit: save the conversation to --session when leaving.
             stats: print tokens, speed and prefilled tokens after each answer.
+            adapter: a LoRA adapter folder merged into the model at load.
         """
         from mrs.chat import Chat, Conversation, parse_option
         from mrs.engine.session import ChatSession
@@ -443,7 +419,7 @@ class CLI:
         if system is not None:
             conversation.system = _text(system, "--system")
         console = _console()
-        loaded = self._load(model_ref)
+        loaded = self._load(model_ref, adapter)
         repl = Chat(loaded, load_model=self._load, console=console, conversation=conversation,
                     session_file=session_file, save_on_exit=save_on_exit, show_stats=stats,
                     make_session=lambda m: ChatSession(m, max_len=max_len))
@@ -456,11 +432,12 @@ class CLI:
 
     def run(self, ref: Any = None, prompt: Any = None, system: Any = None, temperature: Any = None,
             top_p: Any = None, top_k: Any = None, max_tokens: Any = None, seed: Any = None, session: Any = None,
-            save_on_exit: bool = False, stats: bool = False, model: Any = None, context: Any = None):
+            save_on_exit: bool = False, stats: bool = False, model: Any = None, context: Any = None,
+            adapter: Any = None):
         """Alias of chat."""
         return self.chat(ref, prompt=prompt, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
                          max_tokens=max_tokens, seed=seed, session=session, save_on_exit=save_on_exit,
-                         stats=stats, model=model, context=context)
+                         stats=stats, model=model, context=context, adapter=adapter)
 
     def embed(self, *texts: Any, model: Any = ""):
         """Embed texts with an embedding model; prints JSON {"model", "embeddings": [[...], ...]}.
@@ -509,7 +486,7 @@ class CLI:
               f"({result.windows} windows of {result.context}, {result.seconds:.1f}s)")
 
     def serve(self, model: Any = None, host: Any = None, port: Any = None, max_batch: Any = None,
-              preload: bool = False):
+              preload: bool = False, adapter: Any = None):
         """Serve models over HTTP: the Ollama API (/api/*), the OpenAI API (/v1/*) and mrs's own routes.
 
         Args:
@@ -519,6 +496,7 @@ class CLI:
             port: port (default 11434, MRS_PORT; 0 = any free port, printed when serving).
             max_batch: requests decoded together per model (default 8, MRS_MAX_BATCH).
             preload: load the models before accepting requests.
+            adapter: a LoRA adapter folder: the one --model is served with it merged in.
         """
         from mrs import store
 
@@ -530,6 +508,14 @@ class CLI:
         }
         if preload and not refs:
             raise UsageError("--preload needs --model (which models to load first)")
+        lora = None
+        if adapter is not None:
+            if len(refs) != 1:
+                raise UsageError("--adapter needs exactly one --model: the model it is served with")
+            from mrs import adapters
+
+            lora = Path(_text(adapter, "--adapter")).expanduser()
+            adapters.read(lora)     # a bad folder fails now, not at the first request
         settings = self._settings(**overrides)
         for ref in refs:  # a typo fails now, not at the first request
             try:
@@ -543,7 +529,7 @@ class CLI:
             from mrs.server.app import serve
         except ImportError as e:
             raise MrsError(f"the HTTP server is not available in this build ({e})") from e
-        serve(settings, models=refs, preload=preload)
+        serve(settings, models=refs, preload=preload, adapter=lora)
 
     def ps(self, url: Any = None, format: str = "table"):
         """Show the models loaded in a running mrs (or Ollama) server, via its /api/ps.

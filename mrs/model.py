@@ -41,6 +41,7 @@ class Model:
         gen_path = self.path / "generation_config.json"
         self.generation_config = read_json(gen_path) if gen_path.is_file() else {}
         self.eos_ids = self._eos_ids()
+        self.adapter: Path | None = None        # the LoRA adapter merged in at load, if any
 
     @property
     def context_length(self) -> int:
@@ -150,8 +151,26 @@ def quantize_format(quantize: Any) -> Any:
     return QuantFormat(QUANTIZE[quantize], 64)
 
 
+def _dense_where_adapted(formats: Mapping[str, Any], adapter: Any) -> dict[str, Any]:
+    """The plan's formats with the modules an adapter changes read dense (it merges into them)."""
+    if adapter is None:
+        return dict(formats)
+    return {module: None if module in adapter.weights else fmt for module, fmt in formats.items()}
+
+
+def _with_adapter(stream: Any, path: Path, adapter: Any) -> Any:
+    """The checkpoint stream with the adapter merged into it (or the stream itself)."""
+    if adapter is None:
+        return stream
+    from mrs import adapters, weights
+
+    source = stream if stream is not None else _Stream(lambda: weights.iter_tensors(path), path)
+    return _Stream(lambda: adapters.merged(source, adapter), path)
+
+
 def load(ref: str | Path, dtype: str | None = None, device: str | None = None, home: Path | None = None, *,
-         quantize: Any = None, dequantize: bool = False, **backend_options: Any) -> Model:
+         quantize: Any = None, dequantize: bool = False, adapter: str | Path | None = None,
+         **backend_options: Any) -> Model:
     """Load a model from a folder path, a .gguf file, an ``org/model`` name in the models directory,
     or a ``name[:tag]`` of Ollama's store (read-only; its default options and system prompt come along).
 
@@ -159,6 +178,10 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
     kernel the device has, unless ``dequantize`` (or the CPU kernel cannot be built:
     then they are dequantized, with one warning). ``quantize="int8"|"int4"`` quantizes a
     dense model's projections as they load (8 or 4 bits, groups of 64 inputs).
+    ``adapter`` is a LoRA adapter folder (PEFT's format, e.g. from ``mrs finetune``): it is
+    merged into the weights as they load, so the model runs at the base's speed; the
+    modules it changes are read dense (a quantized file's too), and ``quantize=``
+    quantizes them after the merge.
     ``backend_options`` go to the backend's loader (for JAX: ``variant``, a projection
     variant chosen per parameter path; see ``mrs.archs.layers.swap_linears``)."""
     started = time.perf_counter()
@@ -182,6 +205,11 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
             raise
         path, name, options, system = found.gguf, found.name, found.options, found.system
     backend = backends.for_device(device)
+    lora = None
+    if adapter is not None:
+        from mrs import adapters
+
+        lora = adapters.read(adapter)
     fmt = quantize_format(quantize)
     if fmt is not None:
         backend_options["quantize"] = fmt
@@ -195,9 +223,9 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
         by_checkpoint: dict = {}            # checkpoint module -> the format its model tensor takes
         if not dequantize and _runs_quantized(backend, device):
             backend_options["quantized"], by_checkpoint = quant.plan(
-                _runnable(backend, source.tensor_formats(config.num_hidden_layers)),
+                _dense_where_adapted(_runnable(backend, source.tensor_formats(config.num_hidden_layers)), lora),
                 family.checkpoint_map(config).fused)
-        backend_options["checkpoint"] = gguf.GGUFTensors(source, config, by_checkpoint)
+        backend_options["checkpoint"] = _with_adapter(gguf.GGUFTensors(source, config, by_checkpoint), path, lora)
     else:
         from mrs import quant, quant_checkpoint, weights
 
@@ -209,12 +237,16 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
             by_checkpoint = {}
             if not dequantize and _runs_quantized(backend, device):
                 backend_options["quantized"], by_checkpoint = quant.plan(
-                    _runnable(backend, quant_checkpoint.module_formats(path, hf_config)),
+                    _dense_where_adapted(_runnable(backend, quant_checkpoint.module_formats(path, hf_config)),
+                                         lora),
                     family.checkpoint_map(config).fused)
             backend_options["checkpoint"] = _Stream(
                 lambda: quant_checkpoint.converted(weights.iter_tensors(path), stored, by_checkpoint), path)
+        if lora is not None:
+            backend_options["checkpoint"] = _with_adapter(backend_options.get("checkpoint"), path, lora)
     runner = backend.load(path, family, config, dtype=dtype, device=device, **backend_options)
     model = Model(path, hf_config, family, config, runner, tokenizer, time.perf_counter() - started, name=name,
                   default_options=options, default_system=system)
+    model.adapter = Path(adapter) if adapter is not None else None
     log.info("loaded %s in %.2fs", model, model.load_seconds)
     return model

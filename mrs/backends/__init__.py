@@ -11,6 +11,9 @@ small protocol below, never jax or mlx. A backend implements it once:
 - optionally ``quantized_kernel(device)`` (the kernel's name, or None where quantized
   weights must be dequantized), ``quantized_kernel_reason(device)`` (why not) and
   ``runs_format(fmt)`` (False for formats its kernels lack: mrs.load reads those dense);
+- optionally, for fine-tuning (mrs/train), ``lora_model(model, settings, seed=, remat=)``
+  (the model with LoRA factors split from its frozen base, ``params``/``loss``/``adapter``)
+  and ``lora_trainer(lora, options)`` (``step(batch)``, ``evaluate``, ``save``/``restore``);
 - ``Runner``: new caches (opaque pytrees with per-slot lengths), whole-sequence logits,
   pooled encoder states, and ``steps(num_top)``;
 - ``Steps``: prefill into a batch or into one cache slot, and decode, each returning a

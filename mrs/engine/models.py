@@ -23,7 +23,7 @@ from typing import Any
 
 from mrs import ollama_store, store
 from mrs.engine.batcher import Batcher, ServerBusyError
-from mrs.errors import InvalidModelNameError, ModelNotFoundError
+from mrs.errors import InvalidModelNameError, ModelNotFoundError, MrsError
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,14 @@ class ModelManager:
     def __init__(self, home: Path, *, device: str = "auto", dtype: str = "auto", max_loaded: int = 2,
                  slots: int = 8, max_context: int = 4096, max_queue: int = 64, default_keep_alive: float = 300.0,
                  loader: Callable[..., Any] | None = None, warmup: bool = True, extra: dict[str, Path] | None = None,
-                 load_options: dict[str, Any] | None = None, prefix_reuse: bool = True):
+                 load_options: dict[str, Any] | None = None, prefix_reuse: bool = True,
+                 adapters: dict[str, Path] | None = None):
         self.home = Path(home)
         self.extra = dict(extra or {})  # operator-given folders outside home (`mrs serve --model ./dir`)
         self.device, self.dtype = device, dtype
         self.load_options = dict(load_options or {})   # quantize / dequantize (Settings.load_options)
+        # model name -> the LoRA adapter it is loaded with (`mrs serve --model M --adapter DIR`)
+        self.adapters = {self._canonical(name): Path(path) for name, path in (adapters or {}).items()}
         self.max_loaded, self.slots, self.max_context, self.max_queue = max_loaded, slots, max_context, max_queue
         self.default_keep_alive = default_keep_alive
         self.prefix_reuse = prefix_reuse
@@ -146,6 +149,12 @@ class ModelManager:
             finally:
                 self._loading.pop(canonical, None)
 
+    def _canonical(self, name: str) -> str:
+        try:
+            return self.resolve(name)[0]
+        except MrsError:
+            return name
+
     def resolve(self, name: str) -> tuple[str, Path]:
         """A request's model name -> (canonical name, folder): operator-given folders, then ``home``."""
         if isinstance(name, str) and name.strip().removesuffix(":latest") in self.extra:
@@ -159,7 +168,10 @@ class ModelManager:
 
         loader = self._loader or mrs.load
         started = time.perf_counter()
-        model = loader(path, dtype=self.dtype, device=self.device, home=self.home, **self.load_options)
+        options = dict(self.load_options)
+        if name in self.adapters:
+            options["adapter"] = self.adapters[name]
+        model = loader(path, dtype=self.dtype, device=self.device, home=self.home, **options)
         ollama = ollama_store.find(name) if Path(path).is_file() else None
         if ollama is not None and ollama.gguf == Path(path):    # Ollama's defaults come with its models
             model.default_options, model.default_system = ollama.options, ollama.system

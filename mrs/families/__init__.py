@@ -31,6 +31,7 @@ class CheckpointMap:
     ignored: Callable[[str], bool] = lambda name: False
     rename: Rename | None = None
     fused: Mapping[str, Fused] = field(default_factory=dict)
+    whole: frozenset[str] = frozenset()     # fused model tensors the checkpoint keeps as one module
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,13 @@ class Family:
         m = self.module
         rename = m.renamer(config) if hasattr(m, "renamer") else getattr(m, "rename", None)
         return CheckpointMap(ignored=getattr(m, "ignored", lambda name: False), rename=rename,
-                             fused=m.fused(config) if hasattr(m, "fused") else {})
+                             fused=m.fused(config) if hasattr(m, "fused") else {},
+                             whole=frozenset(m.whole(config)) if hasattr(m, "whole") else frozenset())
+
+    def lora_targets(self) -> tuple[str, ...] | None:
+        """The checkpoint modules LoRA adapts by default, where the family names them
+        (None: every projection inside the layers)."""
+        return getattr(self.module, "LORA_TARGETS", None)
 
 
 FAMILIES: dict[str, Family] = {model_type: Family(model_type, llama, llama.LlamaConfig)

@@ -65,6 +65,13 @@ class MambaConfig:
             )
 
 
+# LoRA's default targets: the projections PEFT adapts on Mamba as mrs does. PEFT refuses
+# out_proj, and transformers reads dt_proj's weight directly (so PEFT's dt_proj factors do
+# nothing there). mrs adapts both when named: such an adapter runs in mrs and merges with
+# `mrs merge`, but PEFT on transformers would not apply it.
+LORA_TARGETS = ("in_proj", "x_proj")
+
+
 def rename(name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
     """Older checkpoints call the embeddings ``backbone.embedding``; transformers renames them too."""
     yield name.replace("backbone.embedding.", "backbone.embeddings."), array

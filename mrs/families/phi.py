@@ -105,6 +105,11 @@ def fused(cfg: PhiConfig) -> dict[str, Fused]:
             "mlp.gate_up_proj": gate_up_fused(cfg.intermediate_size)}
 
 
+def whole(cfg: PhiConfig) -> tuple[str, ...]:
+    """The fused tensors Phi-3's checkpoint stores as one module (so PEFT adapts them whole)."""
+    return ("self_attn.qkv_proj", "mlp.gate_up_proj") if cfg.model_type == "phi3" else ()
+
+
 def renamer(cfg: PhiConfig):
     """Phi-3 checkpoints stack q, k, v (and gate, up) along their rows: split them into the
     parts ``fused`` assembles per head."""

@@ -21,6 +21,7 @@ import logging
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
@@ -46,8 +47,10 @@ OPEN_PATHS = ("/", "/health")
 _names = itertools.count()
 
 
-def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = False) -> Sanic:
-    """A Sanic app serving ``settings.home``; ``models`` are the defaults (and preloaded with ``preload``)."""
+def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = False,
+              adapter: Path | None = None) -> Sanic:
+    """A Sanic app serving ``settings.home``; ``models`` are the defaults (and preloaded with
+    ``preload``); ``adapter``, a LoRA adapter folder, is merged into the first of them at load."""
     name = "mrs" if "mrs" not in Sanic._app_registry else f"mrs_{next(_names)}"
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
@@ -65,6 +68,7 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
             app.ctx.default_models.append(alias)
         else:
             app.ctx.default_models.append(ref)
+    app.ctx.adapters = {app.ctx.default_models[0]: Path(adapter)} if adapter is not None and models else {}
     app.ctx.default_keep_alive = parse_duration(settings.keep_alive, "MRS_KEEP_ALIVE")
     app.ctx.manager = None
     app.ctx.preloading = False
@@ -87,7 +91,7 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
                                        slots=s.max_batch, max_context=s.max_context, max_queue=s.max_queue,
                                        prefix_reuse=s.prefix_reuse,
                                        default_keep_alive=app.ctx.default_keep_alive, extra=app.ctx.extra,
-                                       load_options=s.load_options())
+                                       load_options=s.load_options(), adapters=app.ctx.adapters)
         app.ctx.manager.start()
         if preload and app.ctx.default_models:
             app.ctx.preloading = True
@@ -114,9 +118,9 @@ async def _preload(app: Sanic) -> None:
         app.ctx.preloading = False
 
 
-def serve(settings: Settings, models: Sequence[str] = (), preload: bool = False) -> None:
+def serve(settings: Settings, models: Sequence[str] = (), preload: bool = False, adapter: Path | None = None) -> None:
     """Run the server until interrupted (blocking, single process)."""
-    app = build_app(settings, models, preload)
+    app = build_app(settings, models, preload, adapter=adapter)
     sock = listen(settings.host, settings.port)
     url = address_url(sock)
 

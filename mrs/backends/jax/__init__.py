@@ -163,6 +163,21 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev, formats, identity)
 
 
+def lora_model(model: Any, settings: Any, *, seed: int = 0, remat: bool = False) -> Any:
+    """Fine-tuning (optional in the protocol): ``model`` with LoRA factors on the projections
+    ``settings`` (mrs.adapters.LoraSettings) target, split into trainable and frozen."""
+    from mrs.backends.jax.lora import LoraModel
+
+    return LoraModel(model, settings, seed=seed, remat=remat)
+
+
+def lora_trainer(lora: Any, options: Any) -> Any:
+    """The optax trainer (jitted update, checkpoints) for a ``lora_model``."""
+    from mrs.backends.jax.trainer import Trainer
+
+    return Trainer(lora, options)
+
+
 def quantized_kernel_reason(device: str | None = None) -> str | None:
     """Why ``quantized_kernel`` is None here (the CPU kernel did not build), else None."""
     if pick_device(device).platform != "cpu":
