@@ -21,7 +21,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mrs.errors import MrsError
+from mrs.weights import module_prefix
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -89,7 +90,9 @@ class LoraSettings:
 
     @classmethod
     def from_peft(cls, config: dict, where: str = CONFIG_FILE) -> LoraSettings:
-        if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        if not isinstance(config, dict):
+            raise AdapterError(f"{where}: not a JSON object")
+        if config.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"{where}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
         for key, plain in _UNSUPPORTED.items():
             value = config.get(key)
@@ -137,7 +140,7 @@ def read(folder: Path | str) -> Adapter:
         raise AdapterError(f"{folder} has no {WEIGHTS_FILE}{hint}")
     try:
         settings = LoraSettings.from_peft(json.loads(config_path.read_text()), str(config_path))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{config_path} is not valid JSON: {e}") from e
     try:
         tensors = load_file(str(weights_path))
@@ -181,11 +184,15 @@ def write(folder: Path | str, adapter: Adapter) -> Path:
 
 def write_whole(target: Path, write_to: Any) -> None:
     """Call ``write_to(temporary path)`` beside ``target``, then rename it into place: a reader
-    sees the old file or the new one, never half of one."""
+    sees the old file or the new one, never half of one. The file gets the usual permissions
+    (0666 less the umask), not mkstemp's private 0600."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     try:
         write_to(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -234,12 +241,6 @@ class Piece:
         return np.concatenate([part.reshape(-1, r) for part in np.split(b, cuts, axis=self.stacked_axis)])
 
 
-def _suffix_prefix(path: str, suffix: str) -> str | None:
-    if path == suffix:
-        return ""
-    return path[: len(path) - len(suffix)] if path.endswith("." + suffix) else None
-
-
 def pieces(fused: Mapping[str, Any], whole: Iterable[str], path: str, out: tuple[int, ...]) -> list[Piece]:
     """The checkpoint modules inside the mrs projection ``path`` with outputs ``out``.
 
@@ -247,7 +248,7 @@ def pieces(fused: Mapping[str, Any], whole: Iterable[str], path: str, out: tuple
     projections a checkpoint keeps as one module (Phi-3)."""
     whole = set(whole)
     for target, spec in fused.items():
-        prefix = _suffix_prefix(path, target)
+        prefix = module_prefix(path, target)
         if prefix is None:
             continue
         leads = tuple(tuple(lead) for _, lead in spec.parts)
@@ -264,16 +265,23 @@ def pieces(fused: Mapping[str, Any], whole: Iterable[str], path: str, out: tuple
 
 # --- merging into a checkpoint as it is read -------------------------------------------
 
-def merged(stream: Iterable[tuple[str, Any]], adapter: Adapter) -> Iterator[tuple[str, Any]]:
+def merged(stream: Iterable[tuple[str, Any]], adapter: Adapter,
+           rename: Callable[[str, Any], Iterable[tuple[str, Any]]] | None = None) -> Iterator[tuple[str, Any]]:
     """The checkpoint ``stream`` with each adapted module's weight replaced by W + scale B A
-    (in float32, then the checkpoint's dtype). Every module the adapter names must be
-    met, with the shape B A has."""
+    (in float32, then the checkpoint's dtype). Every module the adapter names must be met,
+    with the shape B A has. Modules are matched by the checkpoint's own names, or by the
+    names the family's ``rename`` gives them (a Gemma 3 cut from its multimodal model stores
+    ``language_model.model.*``; adapters name ``model.*``, as mrs and transformers do)."""
     pending = set(adapter.weights)
     for name, value in stream:
         module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and pending and module not in pending and rename is not None:
+            renamed = list(rename(name, value))
+            if len(renamed) == 1 and renamed[0][1] is value:
+                module = renamed[0][0].rpartition(".")[0]
         if leaf == "weight" and module in pending:
-            if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
-                raise AdapterError(f"the adapter changes {module}, but its weight is stored {type(value).__name__}; "
+            if not isinstance(value, np.ndarray) or value.dtype.kind in "iub":
+                raise AdapterError(f"the adapter changes {module}, but its weight is stored packed; "
                                    "load the model dequantized to apply it")
             delta = adapter.delta(module)
             if value.shape != delta.shape:

@@ -33,7 +33,8 @@ class TrainCommands:
             rank: LoRA rank r (default 8).
             alpha: LoRA alpha; the update is scaled by alpha / r (default 16).
             dropout: LoRA dropout on the adapted inputs (default 0).
-            targets: modules to adapt, comma-separated (default: the attention and MLP projections).
+            targets: modules to adapt by their checkpoint names, comma-separated (default: the attention
+                and MLP projections; Mamba's in_proj and x_proj).
             batch_size: rows per micro-batch (default 4).
             accumulate: micro-batches per update (gradient accumulation, default 1).
             max_length: tokens per example; longer ones are cut (default 512).
@@ -46,7 +47,7 @@ class TrainCommands:
             max_grad_norm: clip gradients to this global norm (default 1).
             seed: seed for LoRA's init, dropout and the data order (default 0).
             rslora: scale by alpha / sqrt(r) (rank-stabilized LoRA).
-            pack: pack several examples into each row.
+            pack: pack several examples into each row (each attends to the earlier ones in its row).
             remat: recompute each layer's activations in the backward pass (less memory, slower).
             resume: continue from OUT's checkpoint when there is one (default); --noresume refuses to.
         """

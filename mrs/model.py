@@ -158,14 +158,14 @@ def _dense_where_adapted(formats: Mapping[str, Any], adapter: Any) -> dict[str, 
     return {module: None if module in adapter.weights else fmt for module, fmt in formats.items()}
 
 
-def _with_adapter(stream: Any, path: Path, adapter: Any) -> Any:
+def _with_adapter(stream: Any, path: Path, adapter: Any, rename: Any) -> Any:
     """The checkpoint stream with the adapter merged into it (or the stream itself)."""
     if adapter is None:
         return stream
     from mrs import adapters, weights
 
     source = stream if stream is not None else _Stream(lambda: weights.iter_tensors(path), path)
-    return _Stream(lambda: adapters.merged(source, adapter), path)
+    return _Stream(lambda: adapters.merged(source, adapter, rename), path)
 
 
 def load(ref: str | Path, dtype: str | None = None, device: str | None = None, home: Path | None = None, *,
@@ -225,7 +225,8 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
             backend_options["quantized"], by_checkpoint = quant.plan(
                 _dense_where_adapted(_runnable(backend, source.tensor_formats(config.num_hidden_layers)), lora),
                 family.checkpoint_map(config).fused)
-        backend_options["checkpoint"] = _with_adapter(gguf.GGUFTensors(source, config, by_checkpoint), path, lora)
+        backend_options["checkpoint"] = _with_adapter(gguf.GGUFTensors(source, config, by_checkpoint), path, lora,
+                                                      family.checkpoint_map(config).rename)
     else:
         from mrs import quant, quant_checkpoint, weights
 
@@ -243,7 +244,8 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
             backend_options["checkpoint"] = _Stream(
                 lambda: quant_checkpoint.converted(weights.iter_tensors(path), stored, by_checkpoint), path)
         if lora is not None:
-            backend_options["checkpoint"] = _with_adapter(backend_options.get("checkpoint"), path, lora)
+            backend_options["checkpoint"] = _with_adapter(backend_options.get("checkpoint"), path, lora,
+                                                          family.checkpoint_map(config).rename)
     runner = backend.load(path, family, config, dtype=dtype, device=device, **backend_options)
     model = Model(path, hf_config, family, config, runner, tokenizer, time.perf_counter() - started, name=name,
                   default_options=options, default_system=system)

@@ -293,12 +293,12 @@ def plan(formats: Mapping[str, QuantFormat | None], fused: Mapping[str, Fused]
     """Checkpoint modules' formats -> ({model module: format}, {checkpoint module: the
     format to convert it to}). Parts stacked into one model tensor (``fused``) share the
     format covering them all; a model tensor with any dense part stays dense."""
-    from mrs.weights import _prefix
+    from mrs.weights import module_prefix
 
     def target(module: str) -> str:
         for name, spec in fused.items():
             for part, _ in spec.parts:
-                prefix = _prefix(module, part)
+                prefix = module_prefix(module, part)
                 if prefix is not None:
                     return f"{prefix}{name}"
         return module

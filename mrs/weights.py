@@ -220,7 +220,7 @@ def _check_shape(ckpt_name: str, value: np.ndarray, shape: tuple[int, ...], name
         )
 
 
-def _prefix(module: str, suffix: str) -> str | None:
+def module_prefix(module: str, suffix: str) -> str | None:
     """"model.layers.0." for module "model.layers.0.mlp.up_proj" and suffix "mlp.up_proj"; None if no match."""
     if module == suffix:
         return ""
@@ -238,7 +238,7 @@ class _FusedParts:
         """(module prefix, spec, leaf) when ``name`` is a fused model tensor."""
         module, _, leaf = name.rpartition(".")
         for target, spec in self.fused.items():
-            prefix = _prefix(module, target)
+            prefix = module_prefix(module, target)
             if prefix is not None:
                 return prefix, spec, leaf
         return None
@@ -248,7 +248,7 @@ class _FusedParts:
         module, _, leaf = name.rpartition(".")
         for target, spec in self.fused.items():
             for index, (part, lead) in enumerate(spec.parts):
-                prefix = _prefix(module, part)
+                prefix = module_prefix(module, part)
                 if prefix is None:
                     continue
                 fused_name = f"{prefix}{target}.{leaf}"

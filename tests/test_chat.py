@@ -299,7 +299,7 @@ def test_make_room_keeps_the_newest_message_and_drops_whole_turns(llama_model):
 
 
 def test_chat_session_file_is_saved_on_exit_and_reloaded(llama_model, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: llama_model)
+    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref, adapter=None: llama_model)
     file = tmp_path / "chat.json"
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/exit\n"))
     assert main(["run", "m", "--session", str(file), "--save-on-exit", "--max-tokens", "3", "--temperature", "0",
@@ -316,14 +316,14 @@ def test_chat_session_file_is_saved_on_exit_and_reloaded(llama_model, monkeypatc
 
 def test_a_model_without_a_chat_template_cannot_chat(llama_model, monkeypatch, capsys):
     monkeypatch.setattr(llama_model.tokenizer, "chat_template", None)
-    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: llama_model)
+    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref, adapter=None: llama_model)
     assert main(["chat", "m", "Hello"]) == 1
     assert "no chat template" in capsys.readouterr().err
 
 
 def test_chat_takes_its_model_as_model_like_generate(llama_model, monkeypatch, capsys):
     loaded = []
-    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref: loaded.append(ref) or llama_model)
+    monkeypatch.setattr(cli.CLI, "_load", lambda self, ref, adapter=None: loaded.append(ref) or llama_model)
     options = ["--max-tokens", "4", "--temperature", "0"]
     assert main(["chat", "m", "Hello", *options]) == 0
     positional = capsys.readouterr().out

@@ -112,6 +112,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(llama, tmp_path):
     assert state["step"] == 3
     resumed = mrs.train.finetune(llama, data, out=tmp_path / "cut", settings=settings, options=train_options)
     assert [e["step"] for e in resumed.history] == [1, 2, 3, 4, 5, 6]
+    saved = adapters.read(tmp_path / "cut").weights               # the result holds the trained factors
+    for module, (a, b) in resumed.lora.adapter().weights.items():
+        np.testing.assert_array_equal(a, saved[module][0])
+        np.testing.assert_array_equal(b, saved[module][1])
     assert [e["loss"] for e in resumed.history] == pytest.approx([e["loss"] for e in whole.history], abs=1e-6)
     ours, theirs = adapters.read(tmp_path / "cut").weights, adapters.read(tmp_path / "whole").weights
     for module, (a, b) in theirs.items():
@@ -122,6 +126,22 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(llama, tmp_path):
                            options=TrainOptions(**{**train_options.__dict__, "steps": 7}))
     with pytest.raises(MrsError, match="resume it"):
         mrs.train.finetune(llama, data, out=tmp_path / "cut", settings=settings, options=train_options, resume=False)
+    data.write_text(data.read_text().replace("answer 5", "answer 6"))     # same lines, other data
+    with pytest.raises(MrsError, match="another run"):
+        mrs.train.finetune(llama, data, out=tmp_path / "cut", settings=settings, options=train_options)
+
+
+def test_a_crash_mid_save_resumes_from_the_previous_checkpoint_and_foreign_folders_are_refused(llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"line {i} of text"} for i in range(4)])
+    options = {"steps": 2, "batch_size": 2, "save_every": 1, "rank": 2}
+    done = mrs.train.lora(llama, data, out=tmp_path / "run", **options)
+    (tmp_path / "run" / "checkpoint").rename(tmp_path / "run" / ".checkpoint.old")    # as a crash would leave
+    again = mrs.train.lora(llama, data, out=tmp_path / "run", **options)
+    assert again.history == done.history and again.train_loss == done.train_loss      # nothing left to train
+    foreign = tmp_path / "foreign"
+    adapters.write(foreign, adapters.read(tmp_path / "run"))
+    with pytest.raises(MrsError, match="already holds an adapter"):
+        mrs.train.lora(llama, data, out=foreign, **options)
 
 
 def micro_batch(seed: int):
@@ -133,11 +153,14 @@ def micro_batch(seed: int):
 
 def test_accumulation_updates_once_per_k_micro_batches(llama):
     trainer = Trainer(LoraModel(llama, LoraSettings(rank=2)), TrainOptions(steps=4, accumulate=2, warmup=0))
-    start = np.asarray(jax.tree_util.tree_leaves(trainer.params)[1]).copy()
+
+    def b_factor():      # a B (zero at init, so its first update cannot be zero)
+        return np.asarray(trainer.params["model"]["layers"][0]["mlp"]["down_proj"]["lora_b"][0]).copy()
+    start = b_factor()
     trainer.step(micro_batch(0))
-    np.testing.assert_array_equal(np.asarray(jax.tree_util.tree_leaves(trainer.params)[1]), start)
+    np.testing.assert_array_equal(b_factor(), start)
     trainer.step(micro_batch(1))
-    assert np.abs(np.asarray(jax.tree_util.tree_leaves(trainer.params)[1]) - start).max() > 0
+    assert np.abs(b_factor() - start).max() > 0
 
 
 def test_remat_changes_memory_not_the_gradients(llama):
@@ -165,6 +188,10 @@ def test_dropout_draws_a_mask_per_step_and_is_off_without_a_key(llama):
     one, two = loss(drop, jax.random.key(1)), loss(drop, jax.random.key(2))
     assert one != two and loss(drop, jax.random.key(1)) == one
     assert loss(drop, None) == pytest.approx(loss(plain, None), abs=1e-6)
+    layer = drop.layers()[0]        # a fused q/k/v: each checkpoint module draws its own mask
+    h = np.ones((4, 64), np.float32)
+    masks = [np.asarray(layer._dropped(h, jax.random.key(1), piece)) for piece in range(3)]
+    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
 
 
 def test_the_cli_writes_adapter_log_plot_and_checkpoint_then_generates_with_it(fixture_path, tmp_path, capsys):
@@ -234,6 +261,15 @@ def test_bad_adapter_folders_are_refused_with_the_reason(llama, tmp_path):
     adapters.write(tmp_path / "other", other)
     with pytest.raises(AdapterError, match="does not have: model.layers.9.self_attn.q_proj"):
         mrs.load(str(llama.path), adapter=tmp_path / "other")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "adapter_config.json").write_text("[]")
+    (tmp_path / "list" / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match="not a JSON object"):
+        adapters.read(tmp_path / "list")
+    wide = adapters.read(good)
+    wide.weights = {m: (np.zeros((2, a.shape[1] + 1), np.float32), b) for m, (a, b) in wide.weights.items()}
+    with pytest.raises(AdapterError, match="is it for another base model"):
+        LoraModel(llama, LoraSettings(rank=2, targets=("q_proj",))).load_adapter(wide)
 
 
 def test_a_served_model_loads_with_its_adapter_and_others_without(fixture_path, tmp_path):
@@ -343,3 +379,43 @@ def test_qlora_gradients_equal_those_on_the_dequantized_twin(fixture_path, tmp_p
         assert len(ours) == len(theirs) and max(float(np.abs(np.asarray(g)).max()) for g in theirs) > 1e-2
         for a, b in zip(ours, theirs, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=0)
+
+
+def test_an_adapter_merges_into_a_bfloat16_checkpoint_at_load_and_by_mrs_merge(llama, random_adapter, tmp_path):
+    import shutil
+
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from mrs.merge import write_merged
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(llama.path, folder)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}, folder / "model.safetensors")
+    ids = np.array([[1, 5, 7, 9, 11, 13, 40, 41]], np.int32)
+    adapted = mrs.load(str(folder), adapter=random_adapter).logits(ids)
+    assert np.abs(adapted - mrs.load(str(folder)).logits(ids)).max() > 1e-2
+    write_merged(folder, adapters.read(random_adapter), tmp_path / "merged")
+    assert load_file(tmp_path / "merged" / "model.safetensors")["model.norm.weight"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(mrs.load(str(tmp_path / "merged")).logits(ids), adapted)
+
+
+def test_an_adapter_finds_its_modules_in_a_checkpoint_the_family_renames(fixture_path, tmp_path):
+    """Gemma 3 cut from its multimodal model stores language_model.model.*; the adapter names model.*."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    plain = mrs.load(str(fixture_path("gemma3")))
+    lora = LoraModel(plain, LoraSettings(rank=2, targets=("q_proj", "down_proj")))
+    params = jax.tree_util.tree_map(lambda x: x + 0.05, lora.params)
+    folder = adapters.write(tmp_path / "adapter", lora.adapter(params))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(fixture_path("gemma3"), renamed)
+    tensors = load_file(renamed / "model.safetensors")
+    save_file({k.replace("model.", "language_model.model.", 1): v for k, v in tensors.items()},
+              renamed / "model.safetensors")
+    ids = np.array([[1, 5, 7, 9, 11, 13, 40, 41]], np.int32)
+    np.testing.assert_allclose(mrs.load(str(renamed), adapter=folder).logits(ids),
+                               mrs.load(str(fixture_path("gemma3")), adapter=folder).logits(ids), atol=1e-5, rtol=0)

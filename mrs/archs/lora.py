@@ -6,8 +6,10 @@ pair per checkpoint module inside it (``mrs.adapters.Piece``): a fused q/k/v pro
 [K, G + 2, H] adapted on q_proj and v_proj holds two pairs, and their outputs land in
 the q and v spans of the fused axis, so the adapter stays PEFT's.
 
-A and B are ``LoraParam``s (an ``nnx.Param`` subtype): ``nnx.split(model, LoraParam, ...)``
-separates what trains from the frozen base. They stay float32 whatever the base's dtype.
+Axis letters as in archs/layers.py, plus r (the rank), R (the rank times the pieces) and O
+(the projection's outputs, flattened). A and B are ``LoraParam``s (an ``nnx.Param``
+subtype): ``nnx.split(model, LoraParam, ...)`` separates what trains from the frozen base.
+They stay float32 whatever the base's dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mrs.adapters import Piece
+from mrs.adapters import AdapterError, Piece
 from mrs.archs.layers import Embedding, register_projection
 
 # The dropout key of the step being traced (None: no dropout, as at inference).
@@ -71,16 +73,22 @@ class LoraLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.base(x)
         h = x.astype(jnp.float32)
-        key = _DROPOUT_KEY.get()
-        if key is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(key, self.index), 1.0 - self.dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.dropout), 0.0)
         rank = self.lora_a[0].shape[0]
-        a = jnp.concatenate([a[...] for a in self.lora_a], axis=0)                # [P*r, D]
-        u = jnp.einsum("...D,RD->...R", h, a)                                        # [..., P*r]
-        b = self._joined_b().reshape(-1, len(self.pieces) * rank)                   # [prod(O), P*r]
-        delta = jnp.einsum("...R,oR->...o", u, b).reshape(u.shape[:-1] + self.out)
+        key = _DROPOUT_KEY.get()
+        if key is not None and self.dropout > 0:     # a mask per checkpoint module, as PEFT draws
+            u = jnp.concatenate([jnp.einsum("...D,rD->...r", self._dropped(h, key, i), a[...])
+                                 for i, a in enumerate(self.lora_a)], axis=-1)
+        else:
+            a = jnp.concatenate([a[...] for a in self.lora_a], axis=0)            # [P*r, D]
+            u = jnp.einsum("...D,RD->...R", h, a)                                    # [..., P*r]
+        b = self._joined_b().reshape(-1, len(self.pieces) * rank)               # [O, P*r]
+        delta = jnp.einsum("...R,OR->...O", u, b).reshape(u.shape[:-1] + self.out)
         return y + (delta * self.scale).astype(y.dtype)
+
+    def _dropped(self, h: jax.Array, key: jax.Array, piece: int) -> jax.Array:
+        key = jax.random.fold_in(jax.random.fold_in(key, self.index), piece)
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
+        return jnp.where(keep, h / (1.0 - self.dropout), 0.0)
 
     def _joined_b(self) -> jax.Array:
         """All pieces' B as one [*O, P*r] matrix: piece p's rows in its span of the fused axis,
@@ -121,7 +129,7 @@ def lora_variant(pieces: Mapping[str, Sequence[Piece]], *, rank: int, scale: flo
         if not found:
             return None
         if isinstance(layer, Embedding) or not hasattr(layer, "weight"):
-            raise ValueError(f"LoRA adapts linear projections only; {path} is an embedding")
+            raise AdapterError(f"LoRA adapts linear projections only; {path} is an embedding")
         return LoraLinear(layer, found, rank=rank, scale=scale, dropout=dropout, index=next(counter), rng=rng)
 
     return variant

@@ -58,8 +58,9 @@ class Batch(NamedTuple):
 
     ``weights`` is 1.0 where ``targets`` is a trained token. ``positions`` restart at 0 for
     every example (-1 on padding) and ``segments`` number the examples of a row 1, 2, ...
-    (0 on padding). Unpacked rows hold one example (segment 1); a packed row holds several,
-    so the model must only let a token attend to earlier tokens of the same segment.
+    (0 on padding). Unpacked rows hold one example (segment 1); a packed row holds several.
+    The trainer runs a packed row as one sequence (``batch_arrays``): no target crosses an
+    example's end, but a token sees the earlier examples of its row.
     """
 
     tokens: np.ndarray  # int32: inputs, ids[:-1] of each example
@@ -312,7 +313,8 @@ def batches_once(examples: Sequence[Example], batch_size: int, max_length: int) 
 
 def batch_arrays(batch: Batch, packed: bool) -> dict[str, np.ndarray]:
     """The arrays the loss reads. A packed row runs as one sequence (positions continue
-    across its examples, which attend to the earlier ones, as TRL's packing does); its
+    across its examples, which attend to the earlier ones, as the classic packing of
+    TRL's ConstantLengthDataset does, not its newer per-example positions); its
     targets never cross an example's end."""
     positions = batch.positions
     if packed:

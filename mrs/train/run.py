@@ -84,17 +84,23 @@ def finetune(model: Any, train: str | Path, *, out: str | Path | None = None,
     out = Path(out) if out is not None else None
     history: list[dict] = []
     start = 0
-    identity = {"base": str(model.path), "settings": lora.settings.to_peft(), "train": str(Path(train).resolve())}
+    # What a checkpoint must have been saved by to be resumed: the same base, LoRA set-up,
+    # data (by content) and options; the schedule depends on --steps, so it is one of them.
+    identity = {"base": str(model.path), "adapter": lora.settings.to_peft(), "train": _digest(train),
+                "val": _digest(val) if val is not None else val_fraction}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         found = trainer.find(out)
+        if found is None and any((out / name).exists() for name in (adapters.CONFIG_FILE, adapters.WEIGHTS_FILE)):
+            raise MrsError(f"{out} already holds an adapter that no checkpoint of this run wrote; "
+                           "choose another --out folder")
         if found is not None:
             if not resume:
                 raise MrsError(f"{out} holds a run's checkpoint; resume it, or choose another --out folder")
             meta = json.loads((found / "trainer_state.json").read_text())
             if meta.get("identity") != identity or meta.get("options") != asdict(options):
-                raise MrsError(f"{out} holds a checkpoint of another run (other model, data, LoRA or "
-                               "training options); choose another --out folder")
+                raise MrsError(f"{out} holds a checkpoint of another run (other model, data, LoRA or training "
+                               "options, --steps included, which shapes the schedule); choose another --out folder")
             meta = trainer.restore(found)
             batches.restore(meta["data"])
             start, history = int(meta["step"]), _read_log(out)[: int(meta["log_lines"])]
@@ -110,18 +116,21 @@ def finetune(model: Any, train: str | Path, *, out: str | Path | None = None,
 
     tokens = 0
     began = time.perf_counter()
-    last_loss, val_loss = float("nan"), None
+    last_loss = history[-1]["loss"] if history else float("nan")      # a finished run, run again
+    val_loss = next((e["val_loss"] for e in reversed(history) if "val_loss" in e), None)
     for step in range(start, options.steps):
-        losses = []
+        losses, norms = [], []
         for _ in range(options.accumulate):
             batch = next(batches)
             arrays = batch_arrays(batch, options.pack)
             loss, norm = trainer.step(arrays)
             losses.append(loss)
+            norms.append(norm)
             tokens += int((batch.positions >= 0).sum())
-        last_loss = sum(losses) / len(losses)
+        last_loss = sum(losses) / len(losses)          # the update's micro-batches, each its own mean
         done = step + 1
-        entry = {"step": done, "loss": last_loss, "grad_norm": norm, "learning_rate": trainer.learning_rate(step)}
+        entry = {"step": done, "loss": last_loss, "grad_norm": sum(norms) / len(norms),   # before clipping
+                 "learning_rate": trainer.learning_rate(step)}
         if held and (done % options.eval_every == 0 or done == options.steps):
             val_loss = trainer.evaluate(data.batches_once(held, options.batch_size, options.max_length))
             entry["val_loss"] = val_loss
@@ -132,8 +141,20 @@ def finetune(model: Any, train: str | Path, *, out: str | Path | None = None,
         if done % options.save_every == 0 or done == options.steps:
             save(done)
     elapsed = time.perf_counter() - began
+    lora.params = trainer.params        # the trained factors: result.lora.adapter() is what was saved
     return Result(out, lora, trainer, options.steps, last_loss, val_loss, tokens / max(elapsed, 1e-9),
                   trainer.compiles, history)
+
+
+def _digest(path: str | Path) -> str:
+    """A data file's SHA-256: a resumed run must read the same examples."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_log(out: Path, history: list[dict]) -> None:

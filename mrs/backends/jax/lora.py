@@ -177,6 +177,11 @@ class LoraModel:
             for i, piece in enumerate(layer.pieces):
                 if piece.module in left:
                     a, b = left.pop(piece.module)
+                    want_a, want_b = tuple(layer.lora_a[i].shape), (piece.rows, self.settings.rank)
+                    if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                        raise AdapterError(f"the adapter's {piece.module} has A {tuple(a.shape)} and B "
+                                           f"{tuple(b.shape)}; this model needs A {want_a} and B {want_b} — "
+                                           "is it for another base model?")
                     layer.lora_a[i].set_value(jnp.asarray(a, jnp.float32))
                     layer.lora_b[i].set_value(jnp.asarray(piece.to_model(np.asarray(b, np.float32))))
         if left:
