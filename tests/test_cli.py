@@ -277,7 +277,7 @@ def fake_server_module(monkeypatch):
     """Stand in for mrs.server.app so `serve` can be checked without starting a server."""
     calls = []
     module = types.ModuleType("mrs.server.app")
-    module.serve = lambda settings, models=(), preload=False: calls.append(
+    module.serve = lambda settings, models=(), preload=False, adapter=None: calls.append(
         (settings, list(models), preload)
     )
     monkeypatch.setitem(sys.modules, "mrs.server.app", module)
@@ -354,7 +354,7 @@ def shared_load(llama_model, monkeypatch):
     """CLI commands get the already compiled model (loading is tested elsewhere; compiling is slow)."""
     refs = []
 
-    def load(self, ref):
+    def load(self, ref, adapter=None):
         refs.append(ref)
         return llama_model
 

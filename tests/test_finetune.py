@@ -419,3 +419,11 @@ def test_an_adapter_finds_its_modules_in_a_checkpoint_the_family_renames(fixture
     ids = np.array([[1, 5, 7, 9, 11, 13, 40, 41]], np.int32)
     np.testing.assert_allclose(mrs.load(str(renamed), adapter=folder).logits(ids),
                                mrs.load(str(fixture_path("gemma3")), adapter=folder).logits(ids), atol=1e-5, rtol=0)
+
+
+def test_the_app_serves_its_default_model_with_the_adapter(fixture_path, random_adapter, tmp_path):
+    from mrs.config import Settings
+    from mrs.server.app import build_app
+
+    app = build_app(Settings.load(home=tmp_path), [str(fixture_path("llama"))], adapter=random_adapter)
+    assert app.ctx.adapters == {"llama": random_adapter} and app.ctx.default_models == ["llama"]
