@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ class TrainCommands:
                                                                                         "--max-grad-norm"),
             seed=_int(seed, "--seed"), pack=bool(pack), remat=bool(remat))
         loaded = self._load(_text(model, "MODEL"))
-        settings = LoraSettings(**{**settings.__dict__, "base_model": loaded.name})
+        settings = dataclasses.replace(settings, base_model=loaded.name)
         with _progress(options.steps) as report:
             result = mrs.train.finetune(loaded, data_path, out=Path(_text(out, "--out")).expanduser(),
                                         settings=settings, options=options,

@@ -64,8 +64,6 @@ class LoraLinear(nnx.Module):
         self.out = tuple(int(n) for n in weight.shape[:-1])
         in_features = int(getattr(base, "in_features", weight.shape[-1]))
         self.pieces = tuple(pieces)
-        self.spans = tuple((p.axis, p.start, p.stop) for p in pieces)
-        self.leads = tuple(p.lead for p in pieces)
         self.lora_a = nnx.List([LoraParam(jnp.asarray(init_a(rank, in_features, rng))) for _ in pieces])
         self.lora_b = nnx.List([LoraParam(jnp.zeros(p.lead + (rank,), jnp.float32)) for p in pieces])
         self.scale, self.dropout, self.index = float(scale), float(dropout), int(index)
@@ -96,22 +94,22 @@ class LoraLinear(nnx.Module):
         are weight-sized (an activation-sized pad per piece costs a training step a third of
         its time in copies)."""
         count, rank = len(self.pieces), self.lora_a[0].shape[0]
-        if count == 1 and self.spans[0][0] is None:
+        axis = self.pieces[0].axis
+        if axis is None:                    # one piece covering the whole projection
             return self.lora_b[0][...]
-        axis = self.spans[0][0]
         segments, filled = [], 0
 
         def zeros(size: int) -> jax.Array:
             return jnp.zeros(self.out[:axis] + (size,) + self.out[axis + 1:] + (count * rank,), jnp.float32)
 
-        for index, ((_, start, stop), b) in sorted(enumerate(zip(self.spans, self.lora_b, strict=True)),
-                                                   key=lambda item: item[1][0][1]):
-            if start > filled:
-                segments.append(zeros(start - filled))
+        for index, (piece, b) in sorted(enumerate(zip(self.pieces, self.lora_b, strict=True)),
+                                        key=lambda item: item[1][0].start):
+            if piece.start > filled:
+                segments.append(zeros(piece.start - filled))
             width = [(0, 0)] * (len(self.out) + 1)
             width[-1] = (index * rank, (count - 1 - index) * rank)
             segments.append(jnp.pad(b[...], width))
-            filled = stop
+            filled = piece.stop
         if filled < self.out[axis]:
             segments.append(zeros(self.out[axis] - filled))
         return jnp.concatenate(segments, axis=axis)

@@ -97,11 +97,11 @@ def finetune(model: Any, train: str | Path, *, out: str | Path | None = None,
         if found is not None:
             if not resume:
                 raise MrsError(f"{out} holds a run's checkpoint; resume it, or choose another --out folder")
-            meta = json.loads((found / "trainer_state.json").read_text())
+            meta = trainer.state(found)
             if meta.get("identity") != identity or meta.get("options") != asdict(options):
                 raise MrsError(f"{out} holds a checkpoint of another run (other model, data, LoRA or training "
                                "options, --steps included, which shapes the schedule); choose another --out folder")
-            meta = trainer.restore(found)
+            trainer.restore(found, meta)
             batches.restore(meta["data"])
             start, history = int(meta["step"]), _read_log(out)[: int(meta["log_lines"])]
             log.info("resuming %s at update %d of %d", out, start, options.steps)

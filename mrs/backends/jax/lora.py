@@ -10,6 +10,7 @@ factors to and from PEFT's format (mrs/adapters.py) by checkpoint module name.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,7 +100,7 @@ class LoraModel:
         if model.family.kind != "causal":
             raise AdapterError(f"{model.name} is an {model.family.kind}: LoRA fine-tuning here trains causal LMs")
         if not settings.targets:
-            settings = LoraSettings(**{**settings.__dict__, "targets": default_targets(model)})
+            settings = dataclasses.replace(settings, targets=default_targets(model))
         self.model, self.settings = model, settings
         module = runner.module()
         self.pieces = targeted(model, settings, module)

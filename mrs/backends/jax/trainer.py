@@ -129,11 +129,17 @@ class Trainer:
                 return folder / name
         return None
 
-    def restore(self, checkpoint: Path) -> dict:
-        """Load a checkpoint ``save`` wrote for this set-up; returns its JSON state."""
+    @staticmethod
+    def state(checkpoint: Path) -> dict:
+        """A checkpoint's JSON state (step, data position, what run saved it)."""
+        return json.loads((checkpoint / "trainer_state.json").read_text())
+
+    def restore(self, checkpoint: Path, meta: dict | None = None) -> dict:
+        """Load a checkpoint ``save`` wrote for this set-up (its ``state``, if already read);
+        returns that state."""
         from safetensors.numpy import load_file
 
-        meta = json.loads((checkpoint / "trainer_state.json").read_text())
+        meta = meta if meta is not None else self.state(checkpoint)
         stored = load_file(str(checkpoint / "state.safetensors"))
         device = self.lora.model.runner.device
 
