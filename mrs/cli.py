@@ -66,12 +66,14 @@ class CLI(TrainCommands):
     Global flags (any command): --home DIR (models directory, MRS_HOME), --device auto|cpu|gpu|tpu|mlx
     (MRS_DEVICE), --dtype auto|float32|bfloat16 (MRS_DTYPE), --quantize auto|int8|int4|none
     (MRS_QUANTIZE: auto runs GGUF files quantized; int8/int4 quantize dense weights at load; none
-    dequantizes), --verbose.
+    dequantizes), --tensor-parallel N (MRS_TENSOR_PARALLEL: split each model over N devices, for
+    generate, chat and serve), --verbose.
     """
 
     def __init__(self, home: str | None = None, device: str | None = None, dtype: str | None = None,
-                 quantize: str | None = None, verbose: bool = False):
-        self._flags = {"home": home, "device": device, "dtype": dtype, "quantize": quantize}
+                 quantize: str | None = None, tensor_parallel: Any = None, verbose: bool = False):
+        self._flags = {"home": home, "device": device, "dtype": dtype, "quantize": quantize,
+                       "tensor_parallel": tensor_parallel}
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
     def _settings(self, **overrides: Any):
@@ -728,7 +730,7 @@ def _display(lines: list[str], out) -> None:
     out.write("\n".join(lines) + "\n")
 
 
-GLOBAL_FLAGS = ("home", "device", "dtype", "quantize", "verbose")
+GLOBAL_FLAGS = ("home", "device", "dtype", "quantize", "tensor_parallel", "verbose")
 
 
 def _prepare(argv: list[str]) -> list[str]:
@@ -748,7 +750,7 @@ def _prepare(argv: list[str]) -> list[str]:
     while i < len(head):
         token = head[i]
         if token.startswith("--"):
-            if token[2:] in ("home", "device", "dtype", "quantize"):
+            if token[2:].replace("-", "_") in GLOBAL_FLAGS[:-1]:
                 i += 1  # its value is the next token
         elif not token.startswith("-") or token[1:].replace(".", "", 1).isdigit():
             command = token

@@ -43,6 +43,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "auto"
+    tensor_parallel: int = 1
     host: str = "127.0.0.1"
     port: int = 11434
     max_batch: int = 8
@@ -92,16 +93,21 @@ class Settings:
             raise MrsError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quantize not in QUANTIZE:
             raise MrsError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
-        for name in ("port", "max_batch", "max_loaded_models", "max_context", "max_queue", "max_body_bytes"):
+        for name in ("port", "max_batch", "max_loaded_models", "max_context", "max_queue", "max_body_bytes",
+                     "tensor_parallel"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise MrsError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
     def load_options(self) -> dict[str, Any]:
-        """What ``quantize`` asks of ``mrs.load``: auto runs quantized files quantized and dense
-        ones dense; int8/int4 quantize dense weights at load; none dequantizes everything."""
+        """What ``quantize`` and ``tensor_parallel`` ask of ``mrs.load``: auto runs quantized files
+        quantized and dense ones dense; int8/int4 quantize dense weights at load; none
+        dequantizes everything; tensor_parallel N > 1 splits each model over N devices."""
+        options: dict[str, Any] = {"tensor_parallel": self.tensor_parallel} if self.tensor_parallel != 1 else {}
         if self.quantize == "none":
-            return {"dequantize": True}
-        return {"quantize": self.quantize} if self.quantize in ("int8", "int4") else {}
+            options["dequantize"] = True
+        elif self.quantize in ("int8", "int4"):
+            options["quantize"] = self.quantize
+        return options
 
     @property
     def compile_cache_dir(self) -> Path | None:

@@ -170,7 +170,7 @@ def _with_adapter(stream: Any, path: Path, adapter: Any, rename: Any) -> Any:
 
 def load(ref: str | Path, dtype: str | None = None, device: str | None = None, home: Path | None = None, *,
          quantize: Any = None, dequantize: bool = False, adapter: str | Path | None = None,
-         **backend_options: Any) -> Model:
+         tensor_parallel: int = 1, **backend_options: Any) -> Model:
     """Load a model from a folder path, a .gguf file, an ``org/model`` name in the models directory,
     or a ``name[:tag]`` of Ollama's store (read-only; its default options and system prompt come along).
 
@@ -182,6 +182,8 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
     merged into the weights as they load, so the model runs at the base's speed; the
     modules it changes are read dense (a quantized file's too), and ``quantize=``
     quantizes them after the merge.
+    ``tensor_parallel=N`` splits the model over N devices of the platform (heads, MLP
+    columns, vocabulary, Mamba channels; mrs/shard.py): for a model larger than one device.
     ``backend_options`` go to the backend's loader (for JAX: ``variant``, a projection
     variant chosen per parameter path; see ``mrs.archs.layers.swap_linears``)."""
     started = time.perf_counter()
@@ -205,6 +207,11 @@ def load(ref: str | Path, dtype: str | None = None, device: str | None = None, h
             raise
         path, name, options, system = found.gguf, found.name, found.options, found.system
     backend = backends.for_device(device)
+    if tensor_parallel != 1:
+        if not getattr(backend, "TENSOR_PARALLEL", False):
+            raise MrsError(f"tensor_parallel={tensor_parallel!r}: the {backend.NAME} backend runs a model on one "
+                           "device only")
+        backend_options["tensor_parallel"] = tensor_parallel
     lora = None
     if adapter is not None:
         from mrs import adapters

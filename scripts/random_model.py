@@ -170,9 +170,11 @@ def write_tokenizer(folder: Path, config: dict) -> None:
 
 
 def make_random_model(shape: str, dtype: str, out: Path, seed: int = 0,
-                      progress: Progress | None = None, layers: int | None = None) -> Path:
+                      progress: Progress | None = None, layers: int | None = None,
+                      overrides: dict | None = None) -> Path:
     """Build the folder at ``out`` (via a temp name); returns ``out``. Overwrites nothing.
-    ``layers`` changes the shape's depth (its widths stay)."""
+    ``layers`` changes the shape's depth (its widths stay); ``overrides`` replaces config
+    values (widths, head counts) for a smaller or differently split model."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     if dtype not in DTYPES:
@@ -183,6 +185,7 @@ def make_random_model(shape: str, dtype: str, out: Path, seed: int = 0,
     progress = progress or (lambda n: None)
     config = {**SHAPES[shape], "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
               "initializer_range": INIT_STD}
+    config.update(overrides or {})
     if layers is not None:
         config["num_hidden_layers"] = int(layers)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

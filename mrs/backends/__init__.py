@@ -8,6 +8,8 @@ small protocol below, never jax or mlx. A backend implements it once:
   placed on the backend's device, its compiled steps, its caches; ``quantized=`` (module
   path -> mrs.quant.QuantFormat of tensors that arrive packed) and ``quantize=`` (a format
   for dense projections at load) where the backend runs quantized weights;
+- optionally ``TENSOR_PARALLEL = True``, where ``load`` takes ``tensor_parallel=N`` (the model
+  split over N devices, mrs/shard.py) and its Runner says ``tensor_parallel``;
 - optionally ``quantized_kernel(device)`` (the kernel's name, or None where quantized
   weights must be dequantized), ``quantized_kernel_reason(device)`` (why not) and
   ``runs_format(fmt)`` (False for formats its kernels lack: mrs.load reads those dense);

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mrs import archs, quant
+from mrs import archs, quant, shard
 from mrs.archs.layers import swap_linears
 from mrs.archs.quantized import quantized_variant
 from mrs.backends.jax import executables
 from mrs.backends.jax.executables import StoredStep
+from mrs.backends.jax.layout import Layout, parts_variant, quantized_split_variant
 from mrs.backends.jax.pooling import pool
 from mrs.backends.jax.steps import CompiledSteps, JaxSteps, bind, shared_steps
 from mrs.cache import KVCache
@@ -35,6 +36,7 @@ from mrs.quant import QuantFormat
 from mrs.weights import ParamSpec, dense_param_count, is_stored_as_is, load_params
 
 NAME = "jax"
+TENSOR_PARALLEL = True          # load(tensor_parallel=N): see mrs/shard.py and layout.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -100,17 +102,23 @@ def quantizable(model: nnx.Module, fmt: QuantFormat) -> dict[str, QuantFormat]:
 
 def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, device: str | None = None,
          variant: Variant | None = None, checkpoint: Any = None,
-         quantized: Mapping[str, QuantFormat] | None = None, quantize: QuantFormat | None = None) -> JaxRunner:
+         quantized: Mapping[str, QuantFormat] | None = None, quantize: QuantFormat | None = None,
+         tensor_parallel: int = 1) -> JaxRunner:
     """The model in folder ``path`` on a JAX device: params placed, steps ready to compile.
 
     ``checkpoint`` replaces the folder's safetensors with another stream of (name, array)
     pairs (a GGUF file's tensors). ``quantized`` names the projections (module path ->
     format) whose checkpoint tensors arrive quantized (``weight``, ``scales``, ``biases``);
-    ``quantize`` quantizes every other projection it fits as its dense tensor is read."""
+    ``quantize`` quantizes every other projection it fits as its dense tensor is read.
+    ``tensor_parallel`` splits the model over that many devices (mrs/shard.py): each tensor
+    goes to its devices as it is read, kv heads repeated where they are fewer than them."""
     executables.store()             # before anything compiles: JAX's persistent cache joins mrs's
     dev = pick_device(device)
     jdtype = pick_dtype(dtype, dev)
     model_cls = archs.model_class(family.name)
+    plan = shard.plan(config, tensor_parallel)
+    layout = Layout(plan, dev)
+    checkpoint_config, config = config, shard.running_config(config, plan)
     abstract = nnx.eval_shape(lambda: model_cls(config, dtype=jdtype))
     formats = dict(quantized or {})
     at_load = {p: f for p, f in quantizable(abstract, quantize).items() if p not in formats} if quantize else {}
@@ -124,11 +132,15 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
         swap_linears(abstract, quantized_variant(formats, kernel))
     if variant is not None:
         swap_linears(abstract, variant)
+    if layout.sharded:
+        swap_linears(abstract, parts_variant(plan))
+        swap_linears(abstract, quantized_split_variant(layout))
     # What the graph computes, named the same in every process (a caller's variant cannot be).
     identity = None if variant is not None else "\n".join((
         f"{model_cls.__module__}.{model_cls.__qualname__}", repr(config), jnp.dtype(jdtype).name,
-        repr(sorted(formats.items())), str(kernel)))
-    executables.prefetch(dev, identity)     # its steps load from the cache while the weights are read
+        repr(sorted(formats.items())), str(kernel)) + ((repr(plan),) if layout.sharded else ()))
+    # Its steps load from the cache while the weights are read.
+    executables.prefetch(dev, identity, layout.device_list)
     graphdef, state = nnx.split(abstract)
     spec = param_spec(state)
     read_spec = dict(spec)          # what the checkpoint holds: dense weights where quantized at load
@@ -137,19 +149,25 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
         codes = spec[f"{module}.weight"]
         dense = codes.shape[:-1] + (codes.shape[-1] * 32 // fmt.bits,)
         read_spec[f"{module}.weight"] = ParamSpec(dense, jdtype, codes.axes)
-    key_map = family.checkpoint_map(config)
+    repeated = _repeated_kv(read_spec, plan)    # fused q/k/v leaves: the checkpoint holds fewer kv heads
+    for name in repeated:
+        read_spec[name] = dataclasses.replace(read_spec[name], shape=shard.checkpoint_shape(read_spec[name].shape,
+                                                                                             plan))
+    key_map = family.checkpoint_map(checkpoint_config)
 
     def place(name: str, value: np.ndarray, want: ParamSpec) -> Any:
         module = name.rpartition(".")[0]
+        # A quantized weight's leaves split as its scales do (whole groups per device).
+        split_as = spec[f"{module}.scales"].shape if module in formats else None
+        if name in repeated:
+            value = shard.repeat_kv(np.asarray(value), plan.kv_repeat)
         if module in at_load and name.endswith(".weight"):
             fmt = at_load[module]
             matrix = np.asarray(value, np.float32).reshape(-1, value.shape[-1])
             stored = quant.quantize(matrix, fmt.bits, fmt.group_size).packed(fmt)
-            with jax.default_device(dev):
-                return {f"{module}.{leaf}": jnp.asarray(a.reshape(value.shape[:-1] + a.shape[-1:]))
-                        for leaf, a in stored.items()}
-        with jax.default_device(dev):   # cast on the device, one tensor at a time
-            return jnp.asarray(value, dtype=want.dtype if is_stored_as_is(want) else jdtype)
+            return {f"{module}.{leaf}": layout.place(a.reshape(value.shape[:-1] + a.shape[-1:]), want.axes, a.dtype,
+                                                     split_as) for leaf, a in stored.items()}
+        return layout.place(value, want.axes, want.dtype if is_stored_as_is(want) else jdtype, split_as)
 
     read = load_params(path if checkpoint is None else checkpoint, read_spec, jdtype, rename=key_map.rename,
                        ignore=key_map.ignored, fused=key_map.fused, place=place)
@@ -160,7 +178,20 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     for path_, var in flat:
         var.set_value(arrays[".".join(map(str, path_))])
     params = nnx.to_pure_dict(nnx.from_flat_state(flat))
-    return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev, formats, identity)
+    return JaxRunner(family, config, model_cls, graphdef, params, spec, jdtype, dev, formats, identity, layout)
+
+
+def _repeated_kv(spec: Mapping[str, ParamSpec], plan: shard.Plan) -> set[str]:
+    """The params whose kv heads the plan repeats at load (see mrs/shard.py), checked to be
+    the fused q/k/v layout that repeating applies to."""
+    if plan.kv_repeat == 1:
+        return set()
+    fused = {name for name, s in spec.items() if shard.is_fused_qkv(s.axes)}
+    apart = [name for name, s in spec.items() if "kv_heads" in s.axes and name not in fused]
+    if apart or not fused:
+        raise MrsError(f"tensor_parallel={plan.devices} would repeat kv heads, which this model keeps apart "
+                       f"({apart[0] if apart else 'no fused q/k/v'}); use a divisor of its kv heads")
+    return fused
 
 
 def lora_model(model: Any, settings: Any, *, seed: int = 0, remat: bool = False) -> Any:
@@ -168,6 +199,8 @@ def lora_model(model: Any, settings: Any, *, seed: int = 0, remat: bool = False)
     ``settings`` (mrs.adapters.LoraSettings) target, split into trainable and frozen."""
     from mrs.backends.jax.lora import LoraModel
 
+    if getattr(model.runner, "tensor_parallel", 1) != 1:
+        raise MrsError("fine-tuning runs on one device: load the model without tensor_parallel")
     return LoraModel(model, settings, seed=seed, remat=remat)
 
 
@@ -199,12 +232,14 @@ class JaxRunner:
 
     def __init__(self, family: Family, config: Any, model_cls: Any, graphdef: Any, params: dict,
                  spec: dict[str, ParamSpec], dtype: Any, device: jax.Device,
-                 formats: Mapping[str, QuantFormat] | None = None, identity: str | None = None):
+                 formats: Mapping[str, QuantFormat] | None = None, identity: str | None = None,
+                 layout: Layout | None = None):
         self.family, self.config, self.model_cls = family, config, model_cls
         self.identity = identity        # see executables.StoredStep; None: compile in each process
         self.graphdef, self.params, self.spec = graphdef, params, spec
         self.formats = dict(formats or {})      # quantized projections: module path -> format
         self.dtype, self.device = dtype, device
+        self.layout = layout or Layout(shard.Plan(1), device)
         self.vocab_size = int(getattr(config, "vocab_size", 0))
         self._steps: dict[int, JaxSteps] = {}
         self._compiled: dict[int, CompiledSteps] = {}
@@ -212,7 +247,13 @@ class JaxRunner:
 
     @property
     def device_name(self) -> str:
+        if self.layout.sharded:
+            return f"{self.layout.devices} {self.device.platform} devices (tensor parallel)"
         return str(self.device)
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.layout.devices
 
     @property
     def on_accelerator(self) -> bool:
@@ -245,8 +286,7 @@ class JaxRunner:
     # --- caches ---------------------------------------------------------------------
 
     def new_cache(self, slots: int, max_len: int) -> Any:
-        with jax.default_device(self.device):
-            return self.model_cls.init_cache(self.config, slots, max_len, self.dtype)
+        return self.layout.new_cache(lambda: self.model_cls.init_cache(self.config, slots, max_len, self.dtype))
 
     def cache_max_len(self, cache: Any) -> int:
         return int(cache.max_len)
@@ -255,8 +295,7 @@ class JaxRunner:
         return np.asarray(cache.lengths)
 
     def with_lengths(self, cache: Any, lengths: np.ndarray) -> Any:
-        with jax.default_device(self.device):
-            return dataclasses.replace(cache, lengths=jnp.asarray(np.asarray(lengths, np.int32)))
+        return dataclasses.replace(cache, lengths=self.layout.put(np.asarray(lengths, np.int32)))
 
     def rewindable(self, cache: Any) -> bool:
         return isinstance(cache, KVCache)
@@ -267,7 +306,7 @@ class JaxRunner:
         """The raw jitted functions (params first), for research code and benchmarks."""
         if num_top not in self._compiled:   # held here: the shared table only holds it weakly
             self._compiled[num_top] = shared_steps(self.graphdef, self.config, self.dtype, self.device,
-                                                   self.vocab_size, num_top, self.identity)
+                                                   self.vocab_size, num_top, self.identity, self.layout)
         return self._compiled[num_top]
 
     def steps(self, num_top: int = 0) -> JaxSteps:

@@ -96,7 +96,7 @@ class StepStore:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.exe"
 
-    def prefetch(self, group: str, limit: int = 2) -> threading.Thread | None:
+    def prefetch(self, group: str, devices: tuple[jax.Device, ...], limit: int = 2) -> threading.Thread | None:
         """Load the group's ``limit`` most recently used entries on a thread, while the caller
         reads weights (a load spends its time in XLA with the GIL released): a one-shot run
         (prefill and decode: two) finds its steps ready. An entry nobody asks for costs that
@@ -115,7 +115,7 @@ class StepStore:
             for key, ahead in pending:      # a waiter may already have taken it from _ahead
                 value = None
                 try:
-                    value = self._read(key, count_miss=False)
+                    value = self._read(key, devices, count_miss=False)
                 finally:
                     ahead.resolve(value)
 
@@ -125,17 +125,18 @@ class StepStore:
         thread.start()
         return thread
 
-    def load(self, key: str, count_miss: bool = True) -> Any | None:
-        """The executable stored under ``key``, or None (absent, corrupted: then removed)."""
+    def load(self, key: str, devices: tuple[jax.Device, ...], count_miss: bool = True) -> Any | None:
+        """The executable stored under ``key``, loaded onto ``devices`` (the ones it was compiled
+        for, in order), or None (absent, corrupted: then removed)."""
         with self._ahead_lock:
             ahead = self._ahead.pop(key, None)
         # A prefetched entry's read is final: a damaged one was counted and removed there.
-        executable = ahead.wait() if ahead is not None else self._read(key, count_miss)
+        executable = ahead.wait() if ahead is not None else self._read(key, devices, count_miss)
         if executable is not None:
             STATS["hit"] += 1
         return executable
 
-    def _read(self, key: str, count_miss: bool) -> Any | None:
+    def _read(self, key: str, devices: tuple[jax.Device, ...], count_miss: bool) -> Any | None:
         path = self.path(key)
         try:
             data = path.read_bytes()
@@ -152,7 +153,10 @@ class StepStore:
             blob, in_tree, out_tree = pickle.loads(payload)
             from jax.experimental.serialize_executable import deserialize_and_load
 
-            executable = deserialize_and_load(blob, in_tree, out_tree)
+            # Onto its own devices: by default XLA binds every device of the platform, and an
+            # executable for fewer of them aborts the process (a tile count check).
+            executable = deserialize_and_load(blob, in_tree, out_tree, backend=devices[0].client,
+                                              execution_devices=list(devices))
         except Exception as e:   # any damage: rebuild rather than fail the step
             log.warning("ignoring a damaged compiled step %s (%s); compiling it again", path.name, e)
             STATS["rejected"] += 1
@@ -275,10 +279,13 @@ class StoredStep:
     steps has the same param shapes (``shared_steps`` keys them by graph and config)."""
 
     def __init__(self, name: str, jitted: Any, device: jax.Device, identity: str | None,
-                 describe: Callable[[tuple], str] | None = None, options: str = ""):
+                 describe: Callable[[tuple], str] | None = None, options: str = "",
+                 devices: tuple[jax.Device, ...] | None = None):
         """``identity``: the model's (``group``); None keeps the executables in this process.
-        ``options``: what else the step's code depends on (e.g. its number of top log-probs)."""
+        ``options``: what else the step's code depends on (e.g. its number of top log-probs).
+        ``devices``: all it runs on, in the mesh's order (default: ``device`` alone)."""
         self.name, self.jitted, self.device, self.identity = name, jitted, device, identity
+        self.devices = tuple(devices or (device,))
         self.options = options
         self.describe = describe or (lambda args: name)
         self._by_shape: dict[tuple, Any] = {}
@@ -313,7 +320,7 @@ class StoredStep:
                 return executable
             steps = store() if self.identity is not None else None
             name = self._store_key(args) if steps is not None else None
-            executable = steps.load(name, count_miss=compile) if name is not None else None
+            executable = steps.load(name, self.devices, count_miss=compile) if name is not None else None
             if executable is None and compile:
                 hits = _xla_cache_hits
                 with compile_cache.compiling(self.describe(args)):
@@ -346,8 +353,9 @@ def group(device: jax.Device, identity: str) -> str:
     return _groups[key]
 
 
-def prefetch(device: jax.Device, identity: str | None) -> None:
-    """Start loading the model's most recently used steps (see ``StepStore.prefetch``)."""
+def prefetch(device: jax.Device, identity: str | None, devices: tuple[jax.Device, ...] | None = None) -> None:
+    """Start loading the model's most recently used steps (see ``StepStore.prefetch``) onto
+    ``devices`` (default: ``device`` alone)."""
     steps = store()
     if steps is not None and identity is not None:
-        steps.prefetch(group(device, identity))
+        steps.prefetch(group(device, identity), tuple(devices or (device,)))

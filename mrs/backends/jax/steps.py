@@ -21,8 +21,10 @@ from flax import nnx
 
 from mrs.backends import Sampled
 from mrs.backends.jax.executables import StoredStep
+from mrs.backends.jax.layout import Layout
 from mrs.backends.jax.sampling import SampleResult, SamplingParams, sample
 from mrs.cache import put_slots, take_slots
+from mrs.shard import Plan
 
 
 def bind(graphdef: Any, params: dict) -> nnx.Module:
@@ -53,23 +55,27 @@ class CompiledSteps:
     config, e.g. copies), taking the params as their first argument."""
 
     def __init__(self, graphdef: Any, device: jax.Device, vocab_size: int, num_top: int = 0,
-                 identity: str | None = None):
+                 identity: str | None = None, layout: Layout | None = None):
         """``identity`` names what the graph computes across processes (model class, config,
-        dtype, formats); None keeps its executables in this process only."""
+        dtype, formats); None keeps its executables in this process only. ``layout`` says
+        where arrays live (one device, or a tensor-parallel mesh): each step returns its
+        cache in the cache's own shardings and its tokens on every device."""
         self.num_top = num_top
         self.device, self.vocab_size = device, vocab_size
+        self.layout = layout = layout or Layout(Plan(1), device)
         self._everything: dict[int, jax.Array] = {}
 
         def forward(params, tokens, positions, cache):
             """All-position logits [B, T, V] (float32) and the updated cache."""
             logits, cache = bind(graphdef, params)(tokens, positions, cache)
-            return logits.astype(jnp.float32), cache
+            return layout.replicate(logits.astype(jnp.float32)), layout.constrain_cache(cache)
 
         def prefill(params, tokens, positions, cache, sampling: SamplingParams, history, step, allowed):
             """Run prompts [B, T] (positions -1 = padding) and sample each row's first token
             among the ``allowed`` [B, V] ones (see ``all_allowed``; constrained decoding)."""
             logits, cache = bind(graphdef, params)(tokens, positions, cache, last_only=True)
-            return sample(logits[:, 0], sampling, history, step, num_top=num_top, allowed=allowed), cache
+            result = sample(layout.replicate(logits[:, 0]), sampling, history, step, num_top=num_top, allowed=allowed)
+            return layout.replicate(result), layout.constrain_cache(cache)
 
         def prefill_slot(params, tokens, positions, cache, slot, sampling: SamplingParams, history, step, allowed):
             """Prefill one request [1, T] into cache slot ``slot``, continuing the slot's state
@@ -81,7 +87,7 @@ class CompiledSteps:
             start = jnp.min(jnp.where(positions < 0, jnp.iinfo(jnp.int32).max, positions), axis=1)
             row = dataclasses.replace(take_slots(cache, slot[None]), lengths=start.astype(jnp.int32))
             result, row = prefill(params, tokens, positions, row, sampling, history, step, allowed)
-            return result, put_slots(cache, slot[None], row)
+            return result, layout.constrain_cache(put_slots(cache, slot[None], row))
 
         def decode(params, tokens, cache, sampling: SamplingParams, history, step, active, allowed):
             """Feed each active row's last token [B] at its own position; sample the next
@@ -92,15 +98,16 @@ class CompiledSteps:
             positions = jnp.where(active, cache.lengths, -1)[:, None]
             logits, cache = bind(graphdef, params)(tokens[:, None], positions, cache)
             history = push_history(history, tokens)
-            result: SampleResult = sample(logits[:, 0], sampling, history, step, num_top=num_top, allowed=allowed)
-            return result, cache, history
+            result: SampleResult = sample(layout.replicate(logits[:, 0]), sampling, history, step, num_top=num_top,
+                                          allowed=allowed)
+            return layout.replicate(result), layout.constrain_cache(cache), layout.replicate(history)
 
         options = compiler_options(device)
         step_options = f"num_top={num_top}\n{sorted(options.items())}"
 
         def step(name: str, fn: Any, donate: tuple[int, ...], describe: Any) -> StoredStep:
             jitted = jax.jit(fn, donate_argnums=donate, compiler_options=options)
-            return StoredStep(name, jitted, device, identity, describe, step_options)
+            return StoredStep(name, jitted, device, identity, describe, step_options, layout.device_list)
 
         self.forward = step("forward", forward, (3,), lambda a: f"the forward pass over {_rows(a[1])}")
         self.prefill = step("prefill", prefill, (3,), lambda a: f"prefill of {_rows(a[1])}")
@@ -111,7 +118,7 @@ class CompiledSteps:
         """A [batch, vocab] all-true mask, for steps where no row is constrained."""
         if batch not in self._everything:
             # From the host: an eager jnp.ones would compile a broadcast in every fresh process.
-            self._everything[batch] = jax.device_put(np.ones((batch, self.vocab_size), bool), self.device)
+            self._everything[batch] = self.layout.put(np.ones((batch, self.vocab_size), bool))
         return self._everything[batch]
 
     def compiled_count(self) -> int:
@@ -164,17 +171,18 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_steps(graphdef: Any, config: Any, dtype: Any, device: jax.Device, vocab_size: int,
-                 num_top: int, identity: str | None = None) -> CompiledSteps:
+                 num_top: int, identity: str | None = None, layout: Layout | None = None) -> CompiledSteps:
     """Compiled steps shared by models of the same graph, config and dtype (e.g. copies)."""
+    mesh = layout.mesh if layout is not None else None
     try:
-        key = (graphdef, config, str(dtype), device, num_top, identity)
+        key = (graphdef, config, str(dtype), device, num_top, identity, mesh)
         hash(key)
     except TypeError:
-        return CompiledSteps(graphdef, device, vocab_size, num_top, identity)
+        return CompiledSteps(graphdef, device, vocab_size, num_top, identity, layout)
     with _SHARED_LOCK:
         steps = _SHARED.get(key)
         if steps is None:
-            steps = _SHARED[key] = CompiledSteps(graphdef, device, vocab_size, num_top, identity)
+            steps = _SHARED[key] = CompiledSteps(graphdef, device, vocab_size, num_top, identity, layout)
         return steps
 
 
@@ -186,8 +194,7 @@ class JaxSteps:
         self.vocab_size = compiled.vocab_size
 
     def _device(self, x: Any) -> jax.Array:
-        with jax.default_device(self.compiled.device):
-            return jnp.asarray(x)
+        return self.compiled.layout.put(x)
 
     def sampling(self, params: SamplingParams) -> SamplingParams:
         return jax.tree.map(self._device, params)
@@ -209,7 +216,11 @@ class JaxSteps:
     def _prefill_slot_spec(self, width: int, cache: Any) -> tuple:
         row = SamplingParams.make(temperature=0, seed=0)
         max_len = int(cache.max_len)
-        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (
+        layout = self.compiled.layout
+        # Each argument where it will be: the params and cache in their shardings, the rest on every device.
+        where = (lambda x: x.sharding if isinstance(x, jax.Array) else layout.replicated) if layout.sharded \
+            else (lambda x: None)
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=where(x)), (
             self.params, np.zeros((1, width), np.int32), np.zeros((1, width), np.int32), cache, np.int32(0), row,
             np.zeros((1, max_len), np.int32), np.zeros((1,), np.int32), self.compiled.all_allowed(1)))
 

@@ -1,0 +1,230 @@
+"""Where a JAX model's arrays live: one device, or a tensor-parallel mesh (mrs/shard.py's plan).
+
+A ``Layout`` is what the loader, the caches and the steps ask: where a parameter goes as
+it is read (``place``), where small host inputs go (``put``: tokens, sampling rows,
+masks, replicated on every device), how a cache is laid out (``cache_shardings``), and the
+constraints a step puts on what it returns (``constrain_cache``, ``replicate``), so each
+step hands back its cache exactly as the next one takes it and nothing recompiles.
+
+XLA's SPMD partitioner does the rest: with q/k/v and gate/up split by output columns and
+o_proj/down_proj by input rows, each block's output is a partial sum that one all-reduce
+completes; no weight is ever gathered (tests/test_shard.py reads the compiled step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mrs import shard
+from mrs.archs.layers import Linear, project, register_projection
+from mrs.archs.quantized import QuantEmbedding, QuantLinear
+from mrs.errors import MrsError
+from mrs.kernels.qmatmul import qmatmul
+
+
+class Layout:
+    """One device (``plan.devices == 1``) or a 1-D mesh named ``model`` over the first
+    ``plan.devices`` devices of ``device``'s platform."""
+
+    def __init__(self, plan: shard.Plan, device: jax.Device):
+        self.plan, self.device = plan, device
+        self.mesh: Mesh | None = None
+        if plan.devices > 1:
+            available = jax.devices(device.platform)
+            if len(available) < plan.devices:
+                raise MrsError(
+                    f"tensor_parallel={plan.devices} needs {plan.devices} {device.platform} devices; this machine "
+                    f"has {len(available)} (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                    "simulates more)")
+            kwargs = {}
+            axis_type = getattr(jax.sharding, "AxisType", None)
+            if axis_type is not None:       # Auto: the partitioner places what the rules leave open
+                kwargs["axis_types"] = (axis_type.Auto,)
+            self.mesh = Mesh(np.array(available[:plan.devices]), (shard.AXIS,), **kwargs)
+
+    @property
+    def sharded(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def devices(self) -> int:
+        return self.plan.devices
+
+    @property
+    def device_list(self) -> tuple[jax.Device, ...]:
+        """Every device the model runs on, in the mesh's order."""
+        return (self.device,) if self.mesh is None else tuple(self.mesh.devices.flat)
+
+    def __repr__(self) -> str:
+        return f"Layout({self.plan.devices} x {self.device.platform})"
+
+    # shardings -------------------------------------------------------------------------
+
+    def sharding(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> Any:
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(self.device)
+        return NamedSharding(self.mesh, PartitionSpec(*self.plan.spec(tuple(axes), tuple(shape))))
+
+    @property
+    def replicated(self) -> Any:
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(self.device)
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def cache_shardings(self, cache: Any) -> Any:
+        """The cache pytree with each leaf replaced by its sharding (by the class's ``AXES``)."""
+        fields = {}
+        for name, axes in type(cache).AXES.items():
+            fields[name] = jax.tree_util.tree_map(lambda x, axes=axes: self.sharding(axes, x.shape),
+                                                  getattr(cache, name))
+        return dataclasses.replace(cache, **fields)
+
+    # placing ---------------------------------------------------------------------------
+
+    def place(self, value: np.ndarray, axes: tuple[str, ...], dtype: Any,
+              spec_shape: tuple[int, ...] | None = None) -> jax.Array:
+        """A checkpoint tensor on its device(s), cast to ``dtype``. ``spec_shape`` is the shape
+        that decides the split when it is not the tensor's own: a quantized weight's codes,
+        scales and biases all split as its scales do, so each device holds whole groups."""
+        if self.mesh is None:
+            with jax.default_device(self.device):   # cast on the device, one tensor at a time
+                return jnp.asarray(value, dtype=dtype)
+        host = np.asarray(value)
+        if host.dtype != jnp.dtype(dtype):
+            host = host.astype(jnp.dtype(dtype))
+        return jax.device_put(host, self.sharding(axes, spec_shape or host.shape))
+
+    def put(self, x: Any) -> jax.Array:
+        """A small host input (tokens, sampling rows, masks) where every device sees it."""
+        if self.mesh is None:
+            with jax.default_device(self.device):
+                return jnp.asarray(x)
+        return jax.device_put(np.asarray(x), self.replicated)
+
+    def new_cache(self, init: Any) -> Any:
+        """``init()``'s cache, built straight into its shardings (no device holds all of it)."""
+        if self.mesh is None:
+            with jax.default_device(self.device):
+                return init()
+        abstract = jax.eval_shape(init)
+        return jax.tree_util.tree_map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s),
+                                      abstract, self.cache_shardings(abstract))
+
+    # inside a step ---------------------------------------------------------------------
+
+    def constrain_cache(self, cache: Any) -> Any:
+        if self.mesh is None:
+            return cache
+        return jax.lax.with_sharding_constraint(cache, self.cache_shardings(cache))
+
+    def replicate(self, tree: Any) -> Any:
+        if self.mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, jax.tree_util.tree_map(lambda _: self.replicated, tree))
+
+
+@register_projection
+class PartsLinear(nnx.Module):
+    """A Linear whose output axes start with a small unsplit "parts" axis ahead of the split one
+    (gate/up [2, F, D], Mamba's x/z [2, E, D]), run as one projection per part.
+
+    The dense Linear contracts the weight as one [2 F, D] matrix; split on F, those rows are not
+    one block per device, so the partitioner would gather the whole weight. Per part, each
+    [F, D] slice is split by blocks of rows, and each device multiplies only its own."""
+
+    def __init__(self, dense: Linear):
+        self.weight, self.bias = dense.weight, dense.bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        y = jnp.stack([project(x, w[p]) for p in range(w.shape[0])], axis=x.ndim - 1)
+        return y + self.bias[...] if self.bias is not None else y
+
+
+def parts_variant(plan: shard.Plan):
+    """A ``swap_linears`` variant: the Linears that the plan splits past their first output axis."""
+
+    def variant(path: str, layer: Any) -> nnx.Module | None:
+        if type(layer) is not Linear or layer.weight.ndim < 3:
+            return None
+        axes = tuple(layer.weight.get_metadata().get("axes") or ())
+        spec = plan.spec(axes, tuple(layer.weight.shape))
+        if spec[0] is None and any(s is not None for s in spec[1:-1]):
+            return PartsLinear(layer)
+        return None
+
+    return variant
+
+
+class ShardedQuantLinear(QuantLinear):
+    """A quantized Linear split over the mesh, its kernel run on each device's own slice.
+
+    XLA cannot split a custom call (the CPU kernel), so left to the partitioner every device
+    would gather the whole weight. Under ``shard_map`` each device runs the kernel on its
+    rows (split outputs: column parallel) or its input groups (split inputs: row parallel,
+    then one all-reduce of the partial sums)."""
+
+    def __init__(self, quant: QuantLinear, mesh: Mesh, spec: tuple[str | None, ...]):
+        self.weight, self.scales, self.biases, self.bias = quant.weight, quant.scales, quant.biases, quant.bias
+        self.bits, self.kernel, self.format = quant.bits, quant.kernel, quant.format
+        self.in_features = quant.in_features
+        self.mesh, self.spec = mesh, tuple(spec)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = _split_qmatmul(x, self.weight[...], self.scales[...], self.biases[...], self.bits, self.kernel,
+                           self.mesh, self.spec)
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class ShardedQuantEmbedding(QuantEmbedding):
+    """A quantized embedding split over the vocabulary: the lookup is left to the partitioner
+    (it masks each device's rows), the tied head runs the kernel per device as above."""
+
+    def __init__(self, quant: QuantEmbedding, mesh: Mesh, spec: tuple[str | None, ...]):
+        self.weight, self.scales, self.biases = quant.weight, quant.scales, quant.biases
+        self.bits, self.kernel, self.dtype = quant.bits, quant.kernel, quant.dtype
+        self.in_features, self.format = quant.in_features, quant.format
+        self.mesh, self.spec = mesh, tuple(spec)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return _split_qmatmul(x, self.weight[...], self.scales[...], self.biases[...], self.bits, self.kernel,
+                              self.mesh, self.spec)
+
+
+def _split_qmatmul(x: jax.Array, w: jax.Array, s: jax.Array, b: jax.Array, bits: int, kernel: str, mesh: Mesh,
+                   spec: tuple[str | None, ...]) -> jax.Array:
+    """x [..., K] . W [*out, K] quantized, with W's dimensions split as ``spec`` says."""
+    lead = (None,) * (x.ndim - 1)
+    rows_split = spec[-1] is not None
+
+    def local(x, w, s, b):
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        y = qmatmul(x, flat(w), flat(s), flat(b), bits=bits, kernel=kernel).reshape(x.shape[:-1] + w.shape[:-1])
+        return jax.lax.psum(y, shard.AXIS) if rows_split else y
+
+    weights = PartitionSpec(*spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(*lead, spec[-1]), weights, weights, weights),
+                         out_specs=PartitionSpec(*lead, *spec[:-1]))(x, w, s, b)
+
+
+def quantized_split_variant(layout: Layout):
+    """A ``swap_linears`` variant: each quantized projection the plan splits runs per device."""
+
+    def variant(path: str, layer: Any) -> nnx.Module | None:
+        if type(layer) not in (QuantLinear, QuantEmbedding):
+            return None
+        axes = tuple(layer.scales.get_metadata().get("axes") or ())
+        spec = layout.plan.spec(axes, tuple(layer.scales.shape))
+        if all(s is None for s in spec):
+            return None
+        cls = ShardedQuantEmbedding if isinstance(layer, QuantEmbedding) else ShardedQuantLinear
+        return cls(layer, layout.mesh, spec)
+
+    return variant
