@@ -25,7 +25,7 @@ from mrs.archs.layers import swap_linears
 from mrs.archs.quantized import quantized_variant
 from mrs.backends.jax import executables
 from mrs.backends.jax.executables import StoredStep
-from mrs.backends.jax.layout import Layout, parts_variant, quantized_split_variant
+from mrs.backends.jax.layout import Layout, split_variant
 from mrs.backends.jax.pooling import pool
 from mrs.backends.jax.steps import CompiledSteps, JaxSteps, bind, shared_steps
 from mrs.cache import KVCache
@@ -133,8 +133,7 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     if variant is not None:
         swap_linears(abstract, variant)
     if layout.sharded:
-        swap_linears(abstract, parts_variant(plan))
-        swap_linears(abstract, quantized_split_variant(layout))
+        swap_linears(abstract, split_variant(layout))
     # What the graph computes, named the same in every process (a caller's variant cannot be).
     identity = None if variant is not None else "\n".join((
         f"{model_cls.__module__}.{model_cls.__qualname__}", repr(config), jnp.dtype(jdtype).name,
