@@ -151,6 +151,7 @@ CASES = {
     "gemma3": (["2", "4"], "gemma3"),                   # sliding window, soft-capping, q/k norms
     "mamba": (["2", "4", "8"], "mamba"),
     "phi": (["2", "4"], "phi"),                         # separate q/k/v, a parallel block
+    "qwen2-int8": (["2", "--quantize", "int8"], "qwen2"),   # a quantized q/k/v with a bias
 }
 
 
