@@ -4,7 +4,7 @@ model must look like for N devices to share it.
 Every parameter and cache leaf names its axes logically (``mrs.archs.layers.param``,
 ``KVCache.AXES``): ``kv_heads``, ``heads``, ``mlp``, ``vocab``, ``inner``. ``RULES`` maps
 those names onto the one mesh axis, ``model``; a backend turns the result into its own
-shardings (``mrs/backends/jax/shard.py``). This is Megatron's layout: q/k/v and gate/up are
+shardings (``mrs/backends/jax/layout.py``). This is Megatron's layout: q/k/v and gate/up are
 split by output columns (heads, MLP units), o_proj and down_proj by input rows, so each
 attention and MLP block needs one all-reduce; the vocabulary is split on the embedding and
 the output head; Mamba splits its inner channels.

@@ -157,8 +157,8 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     def place(name: str, value: np.ndarray, want: ParamSpec) -> Any:
         module = name.rpartition(".")[0]
         # A quantized weight's leaves split as its scales do (whole groups per device).
-        split_as = spec[f"{module}.scales"].shape if module in formats and name.rpartition(".")[2] in (
-            "weight", "scales", "biases") else None
+        quantized_leaf = module in formats and name.rpartition(".")[2] in ("weight", "scales", "biases")
+        split_as = spec[f"{module}.scales"].shape if quantized_leaf else None
         if name in repeated:
             value = shard.repeat_kv(np.asarray(value), plan.kv_repeat)
         if module in at_load and name.endswith(".weight"):

@@ -147,7 +147,7 @@ class ShardedLinear(nnx.Module):
         self.mesh, self.spec = mesh, tuple(spec)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = _split_matmul(lambda x, w: project(x, w), x, (self.weight[...],), self.mesh, self.spec)
+        y = _split_matmul(project, x, (self.weight[...],), self.mesh, self.spec)
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -161,7 +161,7 @@ class ShardedEmbedding(Embedding):
         self.mesh, self.spec = mesh, tuple(spec)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return _split_matmul(lambda x, w: project(x, w), x, (self.weight[...],), self.mesh, self.spec)
+        return _split_matmul(project, x, (self.weight[...],), self.mesh, self.spec)
 
 
 def _split_matmul(local_matmul: Any, x: jax.Array, weights: tuple[jax.Array, ...], mesh: Mesh,
@@ -181,6 +181,7 @@ def _split_matmul(local_matmul: Any, x: jax.Array, weights: tuple[jax.Array, ...
                          out_specs=PartitionSpec(*lead, *spec[:-1]))(x, *weights)
 
 
+@register_projection
 class ShardedQuantLinear(QuantLinear):
     """A quantized Linear split over the mesh, its kernel run on each device's own slice.
 
@@ -201,6 +202,7 @@ class ShardedQuantLinear(QuantLinear):
         return y + self.bias[...] if self.bias is not None else y
 
 
+@register_projection
 class ShardedQuantEmbedding(QuantEmbedding):
     """A quantized embedding split over the vocabulary: the lookup is left to the partitioner
     (it masks each device's rows), the tied head runs the kernel per device as above."""

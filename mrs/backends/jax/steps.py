@@ -118,7 +118,7 @@ class CompiledSteps:
         """A [batch, vocab] all-true mask, for steps where no row is constrained."""
         if batch not in self._everything:
             # From the host: an eager jnp.ones would compile a broadcast in every fresh process.
-            self._everything[batch] = self.layout.put(np.ones((batch, self.vocab_size), bool))
+            self._everything[batch] = jax.device_put(np.ones((batch, self.vocab_size), bool), self.layout.replicated)
         return self._everything[batch]
 
     def compiled_count(self) -> int:
