@@ -488,7 +488,8 @@ class CLI(TrainCommands):
               f"({result.windows} windows of {result.context}, {result.seconds:.1f}s)")
 
     def serve(self, model: Any = None, host: Any = None, port: Any = None, max_batch: Any = None,
-              preload: bool = False, adapter: Any = None):
+              preload: bool = False, adapter: Any = None, coordinator: Any = None, num_processes: Any = None,
+              process_id: Any = None):
         """Serve models over HTTP: the Ollama API (/api/*), the OpenAI API (/v1/*) and mrs's own routes.
 
         Args:
@@ -499,6 +500,11 @@ class CLI(TrainCommands):
             max_batch: requests decoded together per model (default 8, MRS_MAX_BATCH).
             preload: load the models before accepting requests.
             adapter: a LoRA adapter folder: the one --model is served with it merged in.
+            coordinator: HOST:PORT of process 0, to split each model over several processes (hosts)
+                with --tensor-parallel: start the same command on each with its --process-id;
+                process 0 serves HTTP, the others run what it runs (port + 1 carries that).
+            num_processes: how many processes the group has.
+            process_id: this process's number, 0 .. num_processes - 1.
         """
         from mrs import store
 
@@ -527,10 +533,42 @@ class CLI(TrainCommands):
 
                 if ollama_store.find(ref) is None:
                     raise
+        group = None
+        if (coordinator, num_processes, process_id) != (None, None, None):
+            from mrs import distributed
+
+            if None in (coordinator, num_processes, process_id):
+                raise UsageError("--coordinator, --num-processes and --process-id go together")
+            group = distributed.Group(_text(coordinator, "--coordinator"), _int(num_processes, "--num-processes", 2),
+                                      _int(process_id, "--process-id", 0))
         try:
             from mrs.server.app import serve
         except ImportError as e:
             raise MrsError(f"the HTTP server is not available in this build ({e})") from e
+        if group is not None:
+            import mrs
+
+            distributed.join(group)
+            if not group.leader:
+                print(f"mrs process {group.process_id} of {group.num_processes} following {group.coordinator}",
+                      file=sys.stderr, flush=True)
+                distributed.follow(group, mrs.load)     # until the leader stops
+                sys.stderr.flush()
+                os._exit(0)     # as the leader does: jax's shutdown barrier would wait for it
+            leader = distributed.Leader(group)
+            code = 1
+            try:
+                serve(settings, models=refs, preload=preload, adapter=lora,
+                      loader=lambda ref, **options: leader.load(mrs.load, ref, **options))
+                code = 0
+            finally:        # the followers leave with the leader; jax's shutdown barrier would wait for them
+                leader.close()
+                if code:
+                    import traceback
+
+                    traceback.print_exc()
+                sys.stderr.flush()
+                os._exit(code)
         serve(settings, models=refs, preload=preload, adapter=lora)
 
     def ps(self, url: Any = None, format: str = "table"):

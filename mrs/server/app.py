@@ -22,6 +22,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sanic import Request, Sanic
 from sanic.exceptions import SanicException
@@ -48,9 +49,10 @@ _names = itertools.count()
 
 
 def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = False,
-              adapter: Path | None = None) -> Sanic:
+              adapter: Path | None = None, loader: Any = None) -> Sanic:
     """A Sanic app serving ``settings.home``; ``models`` are the defaults (and preloaded with
-    ``preload``); ``adapter``, a LoRA adapter folder, is merged into the first of them at load."""
+    ``preload``); ``adapter``, a LoRA adapter folder, is merged into the first of them at load;
+    ``loader`` replaces ``mrs.load`` (a group's leader loads on every process: mrs/distributed.py)."""
     name = "mrs" if "mrs" not in Sanic._app_registry else f"mrs_{next(_names)}"
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
@@ -91,7 +93,7 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
                                        slots=s.max_batch, max_context=s.max_context, max_queue=s.max_queue,
                                        prefix_reuse=s.prefix_reuse,
                                        default_keep_alive=app.ctx.default_keep_alive, extra=app.ctx.extra,
-                                       load_options=s.load_options(), adapters=app.ctx.adapters)
+                                       load_options=s.load_options(), adapters=app.ctx.adapters, loader=loader)
         app.ctx.manager.start()
         if preload and app.ctx.default_models:
             app.ctx.preloading = True
@@ -118,9 +120,10 @@ async def _preload(app: Sanic) -> None:
         app.ctx.preloading = False
 
 
-def serve(settings: Settings, models: Sequence[str] = (), preload: bool = False, adapter: Path | None = None) -> None:
-    """Run the server until interrupted (blocking, single process)."""
-    app = build_app(settings, models, preload, adapter=adapter)
+def serve(settings: Settings, models: Sequence[str] = (), preload: bool = False, adapter: Path | None = None,
+          loader: Any = None) -> None:
+    """Run the server until interrupted (blocking, one process; or a group's leader, with ``loader``)."""
+    app = build_app(settings, models, preload, adapter=adapter, loader=loader)
     sock = listen(settings.host, settings.port)
     url = address_url(sock)
 

@@ -25,6 +25,8 @@ from mrs.archs.layers import swap_linears
 from mrs.archs.quantized import quantized_variant
 from mrs.backends.jax import executables
 from mrs.backends.jax.executables import StoredStep
+from mrs.backends.jax.group import holds_device_values  # noqa: F401  (the protocol's)
+from mrs.backends.jax.group import join as join_group  # noqa: F401
 from mrs.backends.jax.layout import Layout, split_variant
 from mrs.backends.jax.pooling import pool
 from mrs.backends.jax.steps import CompiledSteps, JaxSteps, bind, shared_steps
@@ -135,7 +137,8 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     if layout.sharded:
         swap_linears(abstract, split_variant(layout))
     # What the graph computes, named the same in every process (a caller's variant cannot be).
-    identity = None if variant is not None else "\n".join((
+    # One process's view cannot name a program that spans others' devices: those compile in each.
+    identity = None if variant is not None or jax.process_count() > 1 else "\n".join((
         f"{model_cls.__module__}.{model_cls.__qualname__}", repr(config), jnp.dtype(jdtype).name,
         repr(sorted(formats.items())), str(kernel)) + ((repr(plan),) if layout.sharded else ()))
     # Its steps load from the cache while the weights are read.
@@ -292,7 +295,7 @@ class JaxRunner:
         return int(cache.max_len)
 
     def cache_lengths(self, cache: Any) -> np.ndarray:
-        return np.asarray(cache.lengths)
+        return self.layout.host(cache.lengths)
 
     def with_lengths(self, cache: Any, lengths: np.ndarray) -> Any:
         return dataclasses.replace(cache, lengths=self.layout.put(np.asarray(lengths, np.int32)))
@@ -319,7 +322,7 @@ class JaxRunner:
         cache = self.new_cache(batch, seq)
         positions = step_positions(np.zeros((batch,), np.int32), np.full((batch,), seq, np.int32), seq)
         logits, _ = self.compiled(0).forward(self.params, np.asarray(tokens, np.int32), positions, cache)
-        return np.asarray(logits, dtype=np.float32)
+        return self.layout.host(logits).astype(np.float32)
 
     def embed(self, tokens: np.ndarray, mask: np.ndarray, pooling: Any) -> np.ndarray:
         if pooling not in self._encoders:

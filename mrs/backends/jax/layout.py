@@ -101,14 +101,30 @@ class Layout:
         host = np.asarray(value)
         if host.dtype != jnp.dtype(dtype):
             host = host.astype(jnp.dtype(dtype))
-        return jax.device_put(host, self.sharding(axes, spec_shape or host.shape))
+        return self._global(host, self.sharding(axes, spec_shape or host.shape))
+
+    @staticmethod
+    def _global(host: np.ndarray, sharding: Any) -> jax.Array:
+        """A host array placed by ``sharding``; across processes (mrs/distributed.py) each puts
+        only its own devices' blocks, all from the same value."""
+        if jax.process_count() == 1:
+            return jax.device_put(host, sharding)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    @staticmethod
+    def host(x: Any) -> np.ndarray:
+        """A replicated array back on the host: from this process's own copy when the array
+        also lives on other processes' devices (their copies are the same)."""
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
 
     def put(self, x: Any) -> jax.Array:
         """A small host input (tokens, sampling rows, masks) where every device sees it."""
         if self.mesh is None:
             with jax.default_device(self.device):
                 return jnp.asarray(x)
-        return jax.device_put(np.asarray(x), self.replicated)
+        return self._global(np.asarray(x), self.replicated)
 
     def new_cache(self, init: Any) -> Any:
         """``init()``'s cache, built straight into its shardings (no device holds all of it)."""
@@ -116,7 +132,7 @@ class Layout:
             with jax.default_device(self.device):
                 return init()
         abstract = jax.eval_shape(init)
-        return jax.tree_util.tree_map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s),
+        return jax.tree_util.tree_map(lambda a, s: self._global(np.zeros(a.shape, a.dtype), s),
                                       abstract, self.cache_shardings(abstract))
 
     # inside a step ---------------------------------------------------------------------

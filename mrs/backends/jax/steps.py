@@ -156,10 +156,10 @@ class JaxPending:
         r = self.result
         if self._read is None:      # tokens and log-probs once; the alternatives only when asked
             empty = np.zeros((r.tokens.shape[0], 0))
-            self._read = Sampled(np.asarray(r.tokens), np.asarray(r.logprobs), empty.astype(np.int32),
+            self._read = Sampled(Layout.host(r.tokens), Layout.host(r.logprobs), empty.astype(np.int32),
                                  empty.astype(np.float32))
         if top and self._read.top_ids.shape[1] != r.top_ids.shape[1]:
-            self._read = self._read._replace(top_ids=np.asarray(r.top_ids), top_logprobs=np.asarray(r.top_logprobs))
+            self._read = self._read._replace(top_ids=Layout.host(r.top_ids), top_logprobs=Layout.host(r.top_logprobs))
         return self._read
 
 

@@ -1,0 +1,34 @@
+"""The JAX side of a process group (mrs/distributed.py): joining jax.distributed, and telling
+which values live on devices (those travel between processes as references, not as values)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+def join(coordinator: str, num_processes: int, process_id: int, *, connect_seconds: int,
+         heartbeat_seconds: int) -> None:
+    """Join the group's jax.distributed runtime (before anything else touches jax's devices)."""
+    # CPU devices of different processes reach each other through gloo (accelerators use theirs).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Every process must launch the same program under the same id. jax derives the id from
+    # the executable's fingerprint, which covers the source locations in the program; the
+    # leader and its followers trace each step from different call stacks (the server's
+    # batcher there, mrs/distributed.py's loop here), so tracebacks stay out of locations.
+    # With them in, jax 0.12's launches never met: every device waited in its first all-reduce.
+    jax.config.update("jax_include_full_tracebacks_in_locations", False)
+    jax.config.update("jax_traceback_in_locations_limit", 0)
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=connect_seconds, heartbeat_timeout_seconds=heartbeat_seconds)
+    log.info("process %d of %d joined %s: %d devices, %d here", process_id, num_processes, coordinator,
+             len(jax.devices()), len(jax.local_devices()))
+
+
+def holds_device_values(value: Any) -> bool:
+    """Whether ``value`` (any pytree) holds a jax array."""
+    return any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(value))

@@ -1,0 +1,425 @@
+"""One model across several processes (one per host): jax.distributed, and the leader's mirror.
+
+JAX is multi-controller: every process must run the same jitted programs, in the same order,
+on arrays that span all their devices. In ``mrs serve --coordinator HOST:PORT
+--num-processes P --process-id I``, process 0 (the leader) runs the server and the
+scheduler, as one process would; every call it makes on a model's runner (loads, caches,
+prefill, decode, and the objects they return) is sent first to the other processes (the
+followers), which make the same call on their own copy. Host values travel as they are;
+device objects (caches, pending results, compiled steps) as numbered references, assigned
+in the same order on every process and freed when the leader's copy goes.
+
+The mirror's channel is a TCP connection from each follower to the leader, on the
+coordinator's port + 1. A follower that stops (its connection closes) or whose call fails
+where the leader's succeeded stops the group at once with a clear error, well before
+jax.distributed's own heartbeat (set to ``HEARTBEAT_SECONDS``) would abort it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import pickle
+import queue
+import socket
+import struct
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mrs import backends
+from mrs.errors import MrsError
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10          # jax.distributed declares a silent process dead after this
+CONNECT_SECONDS = 120           # how long processes wait for each other at start
+PLAIN = (type(None), bool, int, float, complex, str, bytes, np.ndarray, np.generic)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """The processes that share each model: ``coordinator`` is process 0's HOST:PORT."""
+
+    coordinator: str
+    num_processes: int
+    process_id: int
+
+    def __post_init__(self):
+        host, _, port = self.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65535:
+            raise MrsError(f"--coordinator must be HOST:PORT (a port below 65535), got {self.coordinator!r}")
+        if not isinstance(self.num_processes, int) or self.num_processes < 2:
+            raise MrsError(f"--num-processes must be at least 2, got {self.num_processes!r}")
+        if not isinstance(self.process_id, int) or not 0 <= self.process_id < self.num_processes:
+            raise MrsError(f"--process-id must be 0 .. {self.num_processes - 1}, got {self.process_id!r}")
+
+    @property
+    def leader(self) -> bool:
+        return self.process_id == 0
+
+    @property
+    def mirror_address(self) -> tuple[str, int]:
+        host, _, port = self.coordinator.rpartition(":")
+        return host, int(port) + 1
+
+
+def _group_backend() -> Any:
+    """The backend whose runtime spans processes (JAX's jax.distributed; MLX has none here)."""
+    backend = backends.backend("jax")
+    if not hasattr(backend, "join_group"):
+        raise MrsError("this backend cannot span several processes")
+    return backend
+
+
+def join(group: Group) -> None:
+    """Join the group's runtime (before anything else touches the backend's devices)."""
+    _group_backend().join_group(group.coordinator, group.num_processes, group.process_id,
+                                connect_seconds=CONNECT_SECONDS, heartbeat_seconds=HEARTBEAT_SECONDS)
+
+
+def stop(message: str) -> None:
+    """End this process now, with one clear line (a collective would otherwise wait for the gone peer)."""
+    sys.stderr.write(f"mrs: {message}; stopping this process\n")
+    sys.stderr.flush()
+    os._exit(3)
+
+
+# --- the channel --------------------------------------------------------------------------
+
+class Channel:
+    """Length-prefixed pickles over one socket (between processes of one trusted group)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._send_lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._send_lock:
+            self.sock.sendall(struct.pack("!Q", len(data)) + data)
+
+    def recv(self) -> Any:
+        head = self._exactly(8)
+        return pickle.loads(self._exactly(struct.unpack("!Q", head)[0]))
+
+    def _exactly(self, n: int) -> bytes:
+        chunks, left = [], n
+        while left:
+            chunk = self.sock.recv(min(left, 1 << 20))
+            if not chunk:
+                raise EOFError("the other process closed the connection")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """A device object on the wire: the number every process knows it by."""
+
+    id: int
+
+
+def _is_plain(value: Any) -> bool:
+    return isinstance(value, PLAIN)
+
+
+def number_results(value: Any, next_id: Callable[[], int], keep: Callable[[int, Any], Any]) -> Any:
+    """Walk a call's result in a fixed order: plain values stay; each device object gets the
+    next number and becomes ``keep(number, object)``; tuples (NamedTuples too) and lists are walked."""
+    if _is_plain(value):
+        return value
+    if isinstance(value, tuple):
+        items = [number_results(v, next_id, keep) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [number_results(v, next_id, keep) for v in value]
+    return keep(next_id(), value)
+
+
+# --- the leader ---------------------------------------------------------------------------
+
+class Leader:
+    """Process 0's side: accepts the followers, sends each runner call before making it."""
+
+    def __init__(self, group: Group):
+        self.group = group
+        self._lock = threading.RLock()      # one call at a time: followers see the leader's order
+        self._next = 0
+        self._freed: collections.deque[int] = collections.deque()   # finalizers append from any thread
+        self._acks: queue.Queue = queue.Queue()
+        # What the followers' failures are checked against, under a lock of its own (never held
+        # while waiting: the watchers take it, and a load waits on them with _lock held).
+        self._outcome_lock = threading.Lock()
+        self._finished = 0                            # calls up to this number have finished here
+        self._failed_here: set[int] = set()           # ... and of those, these failed here too
+        self._failures: dict[int, str] = {}           # a follower's error for a call still running here
+        self._seq = 0
+        self._closing = False
+        self._followers: list[Channel] = []
+        server = socket.create_server(("", group.mirror_address[1]), reuse_port=False)
+        server.settimeout(CONNECT_SECONDS)
+        try:
+            while len(self._followers) < group.num_processes - 1:
+                try:
+                    sock, _ = server.accept()
+                except TimeoutError:
+                    raise MrsError(f"only {len(self._followers) + 1} of {group.num_processes} processes joined "
+                                   f"within {CONNECT_SECONDS} s") from None
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                channel = Channel(sock)
+                hello = channel.recv()
+                self._followers.append(channel)
+                threading.Thread(target=self._watch, args=(channel, hello[1]), name=f"mrs-follower-{hello[1]}",
+                                 daemon=True).start()
+        finally:
+            server.close()
+
+    def _watch(self, channel: Channel, process: int) -> None:
+        """Each follower's replies: load acknowledgements, failed calls; its end stops the group."""
+        while True:
+            try:
+                kind, *rest = channel.recv()
+            except (EOFError, OSError) as e:
+                if not self._closing:           # after goodbye, a follower's leaving is expected
+                    stop(f"process {process} of the group stopped ({e})")
+                return
+            if kind == "loaded":
+                self._acks.put((process, *rest))
+            elif kind == "failed":
+                seq, error = rest
+                with self._outcome_lock:
+                    if seq > self._finished:             # decided when the leader's call ends
+                        self._failures[seq] = f"process {process}: {error}"
+                        continue
+                    diverged = seq not in self._failed_here
+                if diverged:        # it failed there, not here: the processes no longer hold the same state
+                    stop(f"process {process} failed a call the leader made ({error})")
+
+    def close(self) -> None:
+        """The leader is done: followers exit too (their jax.distributed shutdown is skipped, as is
+        the leader's: its barrier would wait for processes that have left)."""
+        with self._lock:
+            self._closing = True
+            for channel in self._followers:
+                try:
+                    channel.send(("bye",))
+                except OSError:
+                    pass
+
+    def _broadcast(self, message: tuple) -> None:
+        freed = []
+        while self._freed:                  # popleft and append are each atomic
+            freed.append(self._freed.popleft())
+        for channel in self._followers:
+            try:
+                if freed:
+                    channel.send(("free", freed))
+                channel.send(message)
+            except OSError as e:
+                stop(f"cannot reach a process of the group ({e})")
+
+    def _new_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def _wrap(self, value: Any) -> Any:
+        return number_results(value, self._new_id, lambda n, obj: Mirrored(self, n, obj))
+
+    def _forget(self, number: int) -> None:
+        self._freed.append(number)      # sent with the next message
+
+    def call(self, target: int | None, name: str, args: tuple, kwargs: dict, real: Callable[..., Any]) -> Any:
+        """Send ``target.name(*args, **kwargs)`` to the followers, then make the call here."""
+        with self._lock:
+            self._seq += 1
+            seq, base = self._seq, self._next
+            self._broadcast(("call", seq, target, name, _to_wire(args), _to_wire(kwargs), base))
+            try:
+                result = real(*_unwrap(args), **_unwrap(kwargs))
+            except BaseException:
+                self._done(seq, ok=False)
+                raise
+            wrapped = self._wrap(result)
+            self._done(seq, ok=True)
+            return wrapped
+
+    def _done(self, seq: int, ok: bool) -> None:
+        with self._outcome_lock:
+            self._finished = seq
+            if not ok:
+                self._failed_here.add(seq)      # rare (a bad request's error): kept for late replies
+            failure = self._failures.pop(seq, None)
+        if ok and failure is not None:
+            stop(f"a process failed a call the leader made ({failure})")
+
+    def load(self, loader: Callable[..., Any], ref: Any, **options: Any) -> Any:
+        """``loader(ref, **options)`` here and on every follower; the model's runner is mirrored."""
+        with self._lock:
+            number = self._new_id()
+            self._broadcast(("load", number, ref, options))
+            error = None
+            try:
+                model = loader(ref, **options)
+            except Exception as e:
+                error = e
+            failed = []
+            deadline = time.monotonic() + 3600      # a follower reads the same weights: as long as a load takes
+            for _ in self._followers:
+                try:
+                    process, acked, problem = self._acks.get(timeout=max(1.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    stop("a process of the group did not finish loading a model")
+                if acked != number:
+                    stop(f"process {process} acknowledged load {acked}, expected {number}")
+                if problem is not None:
+                    failed.append(f"process {process}: {problem}")
+            if error is not None:
+                self._forget(number)
+                raise error
+            if failed:
+                self._forget(number)
+                raise MrsError(f"the model loaded here but not everywhere ({'; '.join(failed)})")
+            model.runner = Mirrored(self, number, model.runner)
+            return model
+
+
+class Mirrored:
+    """The leader's handle on a device object (a runner, steps, a cache, a pending result):
+    method calls and device-valued attributes go to the followers first."""
+
+    __slots__ = ("_leader", "_id", "_real", "__weakref__")
+
+    def __init__(self, leader: Leader, number: int, real: Any):
+        object.__setattr__(self, "_leader", leader)
+        object.__setattr__(self, "_id", number)
+        object.__setattr__(self, "_real", real)
+        weakref.finalize(self, leader._forget, number)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._real, name)
+        if callable(value) and not isinstance(value, type):
+            return lambda *args, **kwargs: self._leader.call(self._id, name, args, kwargs, value)
+        if not _holds_device_arrays(value):      # a config, a name, a count: the same everywhere
+            return value
+        return self._leader.call(self._id, "__getattribute__", (name,), {}, lambda n: getattr(self._real, n))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._leader.call(self._id, "__call__", args, kwargs, self._real)
+
+    def __repr__(self) -> str:
+        return f"Mirrored({self._real!r})"
+
+
+def _holds_device_arrays(value: Any) -> bool:
+    return _group_backend().holds_device_values(value)
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, Mirrored):
+        return Ref(value._id)
+    if isinstance(value, tuple):
+        items = [_to_wire(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_to_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_wire(v) for k, v in value.items()}
+    return value
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, Mirrored):
+        return value._real
+    if isinstance(value, tuple):
+        items = [_unwrap(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
+# --- a follower ---------------------------------------------------------------------------
+
+def follow(group: Group, loader: Callable[..., Any]) -> None:
+    """A follower's whole life: connect to the leader, then make every call it sends, until it
+    says goodbye (then leave with ``os._exit``: jax's shutdown barrier would wait for it)."""
+    deadline = time.monotonic() + CONNECT_SECONDS
+    while True:
+        try:
+            sock = socket.create_connection(group.mirror_address, timeout=5)
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise MrsError(f"cannot reach the leader at {group.mirror_address} ({e})") from None
+            time.sleep(0.2)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    channel = Channel(sock)
+    channel.send(("hello", group.process_id))
+    objects: dict[int, Any] = {}
+    while True:
+        try:
+            kind, *rest = channel.recv()
+        except (EOFError, OSError) as e:
+            stop(f"the leader (process 0) stopped ({e})")
+            return
+        if kind == "bye":
+            sock.close()
+            return
+        if kind == "free":
+            for number in rest[0]:
+                objects.pop(number, None)
+        elif kind == "load":
+            number, ref, options = rest
+            try:
+                model = loader(ref, **options)
+                objects[number] = model.runner
+                channel.send(("loaded", number, None))
+            except Exception as e:
+                channel.send(("loaded", number, f"{type(e).__name__}: {e}"))
+        elif kind == "call":
+            seq, *call = rest
+            try:
+                _run(call, objects)
+            except Exception as e:
+                channel.send(("failed", seq, f"{type(e).__name__}: {e}"))
+
+
+def _run(call: list, objects: dict[int, Any]) -> None:
+    """One call the leader made, made here on this process's objects; its device-valued results
+    are kept under the numbers the leader gave its own."""
+    target, name, args, kwargs, base = call
+    obj = objects[target]
+    if name == "__call__":
+        fn = obj
+    elif name == "__getattribute__":
+        fn = lambda attribute: getattr(obj, attribute)  # noqa: E731
+    else:
+        fn = getattr(obj, name)
+    result = fn(*_resolve(args, objects), **_resolve(kwargs, objects))
+    numbers = iter(range(base + 1, 1 << 62))
+    number_results(result, lambda: next(numbers), objects.__setitem__)
+
+
+def _resolve(value: Any, objects: dict[int, Any]) -> Any:
+    if isinstance(value, Ref):
+        return objects[value.id]
+    if isinstance(value, tuple):
+        items = [_resolve(v, objects) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_resolve(v, objects) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, objects) for k, v in value.items()}
+    return value
