@@ -503,6 +503,7 @@ class CLI(TrainCommands):
             coordinator: HOST:PORT of process 0, to split each model over several processes (hosts)
                 with --tensor-parallel: start the same command on each with its --process-id;
                 process 0 serves HTTP, the others run what it runs (port + 1 carries that).
+                "auto": jax.distributed finds the group (TPU slice, Slurm, Open MPI).
             num_processes: how many processes the group has.
             process_id: this process's number, 0 .. num_processes - 1.
         """
@@ -537,10 +538,14 @@ class CLI(TrainCommands):
         if (coordinator, num_processes, process_id) != (None, None, None):
             from mrs import distributed
 
-            if None in (coordinator, num_processes, process_id):
-                raise UsageError("--coordinator, --num-processes and --process-id go together")
-            group = distributed.Group(_text(coordinator, "--coordinator"), _int(num_processes, "--num-processes", 2),
-                                      _int(process_id, "--process-id", 0))
+            if coordinator == distributed.AUTO:
+                group = distributed.Group(distributed.AUTO, num_processes, process_id)
+            elif None in (coordinator, num_processes, process_id):
+                raise UsageError("--coordinator, --num-processes and --process-id go together "
+                                 "(or --coordinator auto alone)")
+            else:
+                group = distributed.Group(_text(coordinator, "--coordinator"),
+                                          _int(num_processes, "--num-processes", 2), _int(process_id, "--process-id", 0))
         try:
             from mrs.server.app import serve
         except ImportError as e:
@@ -548,7 +553,7 @@ class CLI(TrainCommands):
         if group is not None:
             import mrs
 
-            distributed.join(group)
+            group = distributed.join(group)
             if not group.leader:
                 print(f"mrs process {group.process_id} of {group.num_processes} following {group.coordinator}",
                       file=sys.stderr, flush=True)

@@ -9,6 +9,9 @@ followers), which make the same call on their own copy. Host values travel as th
 device objects (caches, pending results, compiled steps) as numbered references, assigned
 in the same order on every process and freed when the leader's copy goes.
 
+With ``--coordinator auto`` (TPU slices, Slurm, Open MPI), jax.distributed finds the
+coordinator, the count and this process's number itself.
+
 The mirror's channel is a TCP connection from each follower to the leader, on the
 coordinator's port + 1. A follower that stops (its connection closes) or whose call fails
 where the leader's succeeded stops the group at once with a clear error, well before
@@ -22,6 +25,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import signal
 import queue
 import socket
 import struct
@@ -39,6 +43,7 @@ from mrs.errors import MrsError
 
 log = logging.getLogger(__name__)
 
+AUTO = "auto"                   # --coordinator auto: jax.distributed finds the group itself
 HEARTBEAT_SECONDS = 10          # jax.distributed declares a silent process dead after this
 CONNECT_SECONDS = 120           # how long processes wait for each other at start
 PLAIN = (type(None), bool, int, float, complex, str, bytes, np.ndarray, np.generic)
@@ -48,11 +53,15 @@ PLAIN = (type(None), bool, int, float, complex, str, bytes, np.ndarray, np.gener
 class Group:
     """The processes that share each model: ``coordinator`` is process 0's HOST:PORT."""
 
-    coordinator: str
-    num_processes: int
-    process_id: int
+    coordinator: str                # HOST:PORT, or "auto": found by jax.distributed (TPU, Slurm, Open MPI)
+    num_processes: int | None
+    process_id: int | None
 
     def __post_init__(self):
+        if self.coordinator == AUTO:
+            if (self.num_processes, self.process_id) != (None, None):
+                raise MrsError("--coordinator auto finds --num-processes and --process-id itself: leave them out")
+            return
         host, _, port = self.coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65535:
             raise MrsError(f"--coordinator must be HOST:PORT (a port below 65535), got {self.coordinator!r}")
@@ -67,8 +76,10 @@ class Group:
 
     @property
     def mirror_address(self) -> tuple[str, int]:
+        """Where the leader listens for its followers: the coordinator's port + 1 (- 1 at the
+        top of the range, where a cluster's discovery may have put it)."""
         host, _, port = self.coordinator.rpartition(":")
-        return host, int(port) + 1
+        return host, int(port) + 1 if int(port) < 65535 else int(port) - 1
 
 
 def _group_backend() -> Any:
@@ -79,10 +90,22 @@ def _group_backend() -> Any:
     return backend
 
 
-def join(group: Group) -> None:
-    """Join the group's runtime (before anything else touches the backend's devices)."""
-    _group_backend().join_group(group.coordinator, group.num_processes, group.process_id,
-                                connect_seconds=CONNECT_SECONDS, heartbeat_seconds=HEARTBEAT_SECONDS)
+def join(group: Group) -> Group:
+    """Join the group's runtime (before anything else touches the backend's devices); the
+    group as joined (with ``auto``: the coordinator, count and number the runtime found)."""
+    auto = group.coordinator == AUTO
+    found = _group_backend().join_group(None if auto else group.coordinator, group.num_processes, group.process_id,
+                                        connect_seconds=CONNECT_SECONDS, heartbeat_seconds=HEARTBEAT_SECONDS)
+    # jax.distributed takes SIGTERM for its preemption notice and the process goes on: a
+    # follower told to stop must stop (the leader's server sets its own handler when it runs).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda number, frame: stop("stopped by SIGTERM"))
+    if not auto:
+        return group
+    coordinator, count, number = found
+    if count < 2:
+        raise MrsError("--coordinator auto found no other process (is this a TPU slice, a Slurm or an MPI job?)")
+    return Group(coordinator, count, number)
 
 
 def stop(message: str) -> None:

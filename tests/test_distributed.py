@@ -42,6 +42,25 @@ def test_the_group_flags_go_together(tmp_path):
     done = run_mrs("serve", "--coordinator", "127.0.0.1:5000", "--num-processes", "2",
                    env={"MRS_HOME": str(tmp_path)})
     assert done.returncode != 0 and "go together" in done.stderr
+    done = run_mrs("serve", "--coordinator", "auto", "--process-id", "1", env={"MRS_HOME": str(tmp_path)})
+    assert done.returncode != 0 and "leave them out" in done.stderr
+
+
+def test_auto_outside_a_cluster_says_it_found_no_group(tmp_path):
+    from cli_process import run_mrs
+
+    if any(k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_")) for k in os.environ):
+        pytest.skip("this runs inside a cluster job")
+    done = run_mrs("serve", "--coordinator", "auto", env={"MRS_HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"})
+    assert done.returncode != 0 and "found no group" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_mirror_port_stays_in_range():
+    assert distributed.Group("h:1234", 2, 0).mirror_address == ("h", 1235)
+    assert distributed.Group("auto", None, None).coordinator == "auto"
+    top = object.__new__(distributed.Group)        # a port a cluster's discovery chose, not a flag
+    object.__setattr__(top, "coordinator", "h:65535")
+    assert top.mirror_address == ("h", 65534)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +90,10 @@ def free_port_pair() -> int:
     raise RuntimeError("no free pair of ports")
 
 
-def start(model: Path, home: Path, log: Path, devices: int, *extra: str) -> subprocess.Popen:
+def start(model: Path, home: Path, log: Path, devices: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "MRS_COMPILE_CACHE": "off", "MRS_HOME": str(home), "MRS_API_KEY": "", "PYTHONUNBUFFERED": "1"}
+           "MRS_COMPILE_CACHE": "off", "MRS_HOME": str(home), "MRS_API_KEY": "", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "mrs.cli", "serve", "--model", str(model), "--port", "0",
                                  "--preload", *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -150,15 +170,48 @@ def test_two_processes_serve_one_model_as_one_process_does(wide, tmp_path):
         stop_all(leader, follower)
 
 
-def test_a_leader_that_stops_takes_its_followers_with_it(wide, tmp_path):
-    port = free_port_pair()
-    group = ["--tensor-parallel", "8", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    follower = start(wide, tmp_path / "home", tmp_path / "p1.log", 4, *group, "--process-id", "1")
-    leader = start(wide, tmp_path / "home", tmp_path / "p0.log", 4, *group, "--process-id", "0")
+def slurm(process: int, port: int) -> dict:
+    """What Slurm sets for one task of a 2-task job on this host: jax.distributed derives the
+    coordinator's port from the job id (61440 + id % 4096)."""
+    assert 61440 <= port < 65535
+    return {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+            "SLURM_PROCID": str(process), "SLURM_LOCALID": "0"}
+
+
+def slurm_port() -> int:
+    """A free pair of ports in the range Slurm's discovery picks from."""
+    for port in range(61440 + os.getpid() % 3000, 65534):
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of ports")
+
+
+@pytest.mark.parametrize("stopped", ["leader", "follower"])
+def test_a_process_told_to_stop_ends_the_whole_group(wide, tmp_path, stopped):
+    """Started as a Slurm job would start it (`--coordinator auto`, no count or number), then
+    one process gets SIGTERM: the leader's end takes its followers with it (all exit 0); a
+    follower's (jax.distributed would swallow the signal) ends the leader with a clear error."""
+    port = slurm_port()
+    group = ["--tensor-parallel", "8", "--coordinator", "auto"]
+    follower = start(wide, tmp_path / "home", tmp_path / "p1.log", 4, *group, env=slurm(1, port))
+    leader = start(wide, tmp_path / "home", tmp_path / "p0.log", 4, *group, env=slurm(0, port))
+    logs = [tmp_path / "p0.log", tmp_path / "p1.log"]
     try:
-        ready(leader, tmp_path / "p0.log")
-        leader.terminate()
-        assert leader.wait(60) == 0, (tmp_path / "p0.log").read_text(errors="replace")[-2000:]
-        assert follower.wait(30) == 0, (tmp_path / "p1.log").read_text(errors="replace")[-2000:]
+        ready(leader, logs[0])
+        if stopped == "leader":
+            leader.terminate()
+            assert leader.wait(60) == 0, logs[0].read_text(errors="replace")[-2000:]
+            assert follower.wait(30) == 0, logs[1].read_text(errors="replace")[-2000:]
+        else:
+            follower.terminate()
+            assert follower.wait(30) != 0
+            assert leader.wait(30) != 0
+            assert "stopped by SIGTERM" in logs[1].read_text(errors="replace")
+            assert "process 1 of the group stopped" in logs[0].read_text(errors="replace")
     finally:
         stop_all(leader, follower)
