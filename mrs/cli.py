@@ -544,8 +544,8 @@ class CLI(TrainCommands):
                 raise UsageError("--coordinator, --num-processes and --process-id go together "
                                  "(or --coordinator auto alone)")
             else:
-                group = distributed.Group(_text(coordinator, "--coordinator"),
-                                          _int(num_processes, "--num-processes", 2), _int(process_id, "--process-id", 0))
+                count, number = _int(num_processes, "--num-processes", 2), _int(process_id, "--process-id", 0)
+                group = distributed.Group(_text(coordinator, "--coordinator"), count, number)
         try:
             from mrs.server.app import serve
         except ImportError as e:

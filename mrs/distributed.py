@@ -25,8 +25,8 @@ import dataclasses
 import logging
 import os
 import pickle
-import signal
 import queue
+import signal
 import socket
 import struct
 import sys

@@ -32,7 +32,7 @@ def join(coordinator: str | None, num_processes: int | None, process_id: int | N
                                    initialization_timeout=connect_seconds, heartbeat_timeout_seconds=heartbeat_seconds)
     except ValueError as e:         # auto: no cluster in the environment
         raise MrsError(f"jax.distributed found no group to join here ({e})") from e
-    from jax._src import distributed     # where the coordinator's address is kept (public API has none)
+    from jax._src import distributed  # where the coordinator's address is kept (public API has none)
 
     coordinator = distributed.global_state.coordinator_address or coordinator
     log.info("process %d of %d joined %s: %d devices, %d here", jax.process_index(), jax.process_count(), coordinator,
