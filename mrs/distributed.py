@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hmac
 import logging
 import os
 import pickle
 import queue
+import secrets
 import signal
 import socket
 import struct
@@ -46,6 +48,11 @@ log = logging.getLogger(__name__)
 AUTO = "auto"                   # --coordinator auto: jax.distributed finds the group itself
 HEARTBEAT_SECONDS = 10          # jax.distributed declares a silent process dead after this
 CONNECT_SECONDS = 120           # how long processes wait for each other at start
+ANSWER_SECONDS = 600            # how long a follower may take to finish a call the leader failed
+HELLO = b"MRS1"                 # a follower's first bytes: this, the group's token, its number
+# Runner queries that read host values only: the leader answers them itself, so a scrape of
+# /metrics or /api/ps never waits behind a load or a compile (which hold the call lock).
+HOST_ONLY = frozenset({"cache_max_len", "cache_lengths", "rewindable", "compiled_count"})
 PLAIN = (type(None), bool, int, float, complex, str, bytes, np.ndarray, np.generic)
 
 
@@ -173,12 +180,15 @@ def number_results(value: Any, next_id: Callable[[], int], keep: Callable[[int, 
 class Leader:
     """Process 0's side: accepts the followers, sends each runner call before making it."""
 
-    def __init__(self, group: Group):
+    def __init__(self, group: Group, token: bytes | None = None):
+        """Waits for every follower to connect; ``token`` is the handshake's secret (by default a
+        new one, shared through the backend's runtime)."""
         self.group = group
         self._lock = threading.RLock()      # one call at a time: followers see the leader's order
         self._next = 0
         self._freed: collections.deque[int] = collections.deque()   # finalizers append from any thread
         self._acks: queue.Queue = queue.Queue()
+        self._answers: queue.Queue = queue.Queue()
         # What the followers' failures are checked against, under a lock of its own (never held
         # while waiting: the watchers take it, and a load waits on them with _lock held).
         self._outcome_lock = threading.Lock()
@@ -188,23 +198,66 @@ class Leader:
         self._seq = 0
         self._closing = False
         self._followers: list[Channel] = []
+        token = _group_backend().share_token(secrets.token_bytes(32), CONNECT_SECONDS) if token is None else token
         server = socket.create_server(("", group.mirror_address[1]), reuse_port=False)
-        server.settimeout(CONNECT_SECONDS)
+        deadline = time.monotonic() + CONNECT_SECONDS
+        joined: set[int] = set()
         try:
-            while len(self._followers) < group.num_processes - 1:
+            while len(joined) < group.num_processes - 1:
+                server.settimeout(max(0.1, deadline - time.monotonic()))
                 try:
-                    sock, _ = server.accept()
+                    sock, peer = server.accept()
                 except TimeoutError:
-                    raise MrsError(f"only {len(self._followers) + 1} of {group.num_processes} processes joined "
+                    raise MrsError(f"only {len(joined) + 1} of {group.num_processes} processes joined "
                                    f"within {CONNECT_SECONDS} s") from None
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                process = self._greet(sock, token, joined)
+                if process is None:
+                    log.warning("the mirror port refused a connection from %s (not a process of this group)", peer)
+                    sock.close()
+                    continue
+                joined.add(process)
                 channel = Channel(sock)
-                hello = channel.recv()
                 self._followers.append(channel)
-                threading.Thread(target=self._watch, args=(channel, hello[1]), name=f"mrs-follower-{hello[1]}",
+                threading.Thread(target=self._watch, args=(channel, process), name=f"mrs-follower-{process}",
                                  daemon=True).start()
         finally:
             server.close()
+        threading.Thread(target=self._flush_frees, name="mrs-mirror-frees", daemon=True).start()
+
+    def _greet(self, sock: socket.socket, token: bytes, joined: set[int]) -> int | None:
+        """A follower's number, from a hello that carries the group's token; None for anything
+        else (nothing is unpickled from a peer before this)."""
+        size = len(HELLO) + len(token) + 4
+        sock.settimeout(10)
+        try:
+            hello = b""
+            while len(hello) < size:
+                chunk = sock.recv(size - len(hello))
+                if not chunk:
+                    return None
+                hello += chunk
+        except OSError:
+            return None
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        process = struct.unpack("!I", hello[-4:])[0]
+        if not (hello.startswith(HELLO) and hmac.compare_digest(hello[len(HELLO):-4], token)):
+            return None
+        if not 0 < process < self.group.num_processes or process in joined:
+            return None
+        return process
+
+    def _flush_frees(self) -> None:
+        """Frees go out with the next message; an idle leader sends them within a second, so a
+        model unloaded here is released on the followers too."""
+        while not self._closing:
+            time.sleep(1.0)
+            if self._freed and self._lock.acquire(blocking=False):
+                try:
+                    if not self._closing:
+                        self._broadcast(None)
+                finally:
+                    self._lock.release()
 
     def _watch(self, channel: Channel, process: int) -> None:
         """Each follower's replies: load acknowledgements, failed calls; its end stops the group."""
@@ -217,6 +270,8 @@ class Leader:
                 return
             if kind == "loaded":
                 self._acks.put((process, *rest))
+            elif kind == "answer":
+                self._answers.put((process, *rest))
             elif kind == "failed":
                 seq, error = rest
                 with self._outcome_lock:
@@ -230,15 +285,17 @@ class Leader:
     def close(self) -> None:
         """The leader is done: followers exit too (their jax.distributed shutdown is skipped, as is
         the leader's: its barrier would wait for processes that have left)."""
-        with self._lock:
-            self._closing = True
-            for channel in self._followers:
-                try:
-                    channel.send(("bye",))
-                except OSError:
-                    pass
+        self._closing = True        # not under the call lock: a stuck call must not keep the group up
+        for channel in self._followers:
+            try:
+                channel.send(("bye",))
+            except OSError:
+                pass
 
-    def _broadcast(self, message: tuple) -> None:
+    def _broadcast(self, message: tuple | None) -> None:
+        """``message`` (None: only the frees) to every follower, after the frees gathered so far."""
+        if self._closing:
+            raise MrsError("the process group is shutting down")
         freed = []
         while self._freed:                  # popleft and append are each atomic
             freed.append(self._freed.popleft())
@@ -246,8 +303,11 @@ class Leader:
             try:
                 if freed:
                     channel.send(("free", freed))
-                channel.send(message)
+                if message is not None:
+                    channel.send(message)
             except OSError as e:
+                if self._closing:
+                    raise MrsError("the process group is shutting down") from None
                 stop(f"cannot reach a process of the group ({e})")
 
     def _new_id(self) -> int:
@@ -268,8 +328,9 @@ class Leader:
             self._broadcast(("call", seq, target, name, _to_wire(args), _to_wire(kwargs), base))
             try:
                 result = real(*_unwrap(args), **_unwrap(kwargs))
-            except BaseException:
+            except BaseException as e:
                 self._done(seq, ok=False)
+                self._agree_failed(seq, e)
                 raise
             wrapped = self._wrap(result)
             self._done(seq, ok=True)
@@ -283,6 +344,21 @@ class Leader:
             failure = self._failures.pop(seq, None)
         if ok and failure is not None:
             stop(f"a process failed a call the leader made ({failure})")
+
+    def _agree_failed(self, seq: int, error: BaseException) -> None:
+        """A call failed here: it must have failed everywhere. Where a follower's succeeded, it
+        has launched programs this process has not, and the group cannot go on."""
+        self._broadcast(("ask", seq))
+        for _ in self._followers:
+            try:
+                process, answered, ok = self._answers.get(timeout=ANSWER_SECONDS)
+            except queue.Empty:
+                stop(f"a process of the group did not finish a call that failed here ({error!r})")
+                return
+            if answered != seq:
+                stop(f"process {process} answered for call {answered}, expected {seq}")
+            elif ok:
+                stop(f"a call failed here ({type(error).__name__}: {error}) but not on process {process}")
 
     def load(self, loader: Callable[..., Any], ref: Any, **options: Any) -> Any:
         """``loader(ref, **options)`` here and on every follower; the model's runner is mirrored."""
@@ -329,6 +405,8 @@ class Mirrored:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._real, name)
+        if name in HOST_ONLY and callable(value):
+            return lambda *args, **kwargs: value(*_unwrap(args), **_unwrap(kwargs))
         if callable(value) and not isinstance(value, type):
             return lambda *args, **kwargs: self._leader.call(self._id, name, args, kwargs, value)
         if not _holds_device_arrays(value):      # a config, a name, a count: the same everywhere
@@ -374,7 +452,7 @@ def _unwrap(value: Any) -> Any:
 
 # --- a follower ---------------------------------------------------------------------------
 
-def follow(group: Group, loader: Callable[..., Any]) -> None:
+def follow(group: Group, loader: Callable[..., Any], token: bytes | None = None) -> None:
     """A follower's whole life: connect to the leader, then make every call it sends, until it
     says goodbye (then leave with ``os._exit``: jax's shutdown barrier would wait for it)."""
     deadline = time.monotonic() + CONNECT_SECONDS
@@ -388,9 +466,11 @@ def follow(group: Group, loader: Callable[..., Any]) -> None:
             time.sleep(0.2)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    token = _group_backend().share_token(None, CONNECT_SECONDS) if token is None else token
+    sock.sendall(HELLO + token + struct.pack("!I", group.process_id))
     channel = Channel(sock)
-    channel.send(("hello", group.process_id))
     objects: dict[int, Any] = {}
+    last = (0, True)            # the last call's number and whether it succeeded here
     while True:
         try:
             kind, *rest = channel.recv()
@@ -406,8 +486,7 @@ def follow(group: Group, loader: Callable[..., Any]) -> None:
         elif kind == "load":
             number, ref, options = rest
             try:
-                model = loader(ref, **options)
-                objects[number] = model.runner
+                objects[number] = loader(ref, **options).runner     # nothing else keeps the model
                 channel.send(("loaded", number, None))
             except Exception as e:
                 channel.send(("loaded", number, f"{type(e).__name__}: {e}"))
@@ -415,8 +494,12 @@ def follow(group: Group, loader: Callable[..., Any]) -> None:
             seq, *call = rest
             try:
                 _run(call, objects)
+                last = (seq, True)
             except Exception as e:
+                last = (seq, False)
                 channel.send(("failed", seq, f"{type(e).__name__}: {e}"))
+        elif kind == "ask":         # the leader's call failed: did this one?
+            channel.send(("answer", rest[0], last[1] if last[0] == rest[0] else True))
 
 
 def _run(call: list, objects: dict[int, Any]) -> None:

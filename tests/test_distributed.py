@@ -215,3 +215,15 @@ def test_a_process_told_to_stop_ends_the_whole_group(wide, tmp_path, stopped):
             assert "process 1 of the group stopped" in logs[0].read_text(errors="replace")
     finally:
         stop_all(leader, follower)
+
+
+def test_in_a_group_a_model_must_span_every_device(wide, monkeypatch):
+    """Fewer would put it on process 0's devices alone, and the followers would fail obscurely."""
+    import jax
+
+    import mrs
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    with pytest.raises(MrsError, match="spans all 8 devices: --tensor-parallel 8, not 4"):
+        mrs.load(wide, tensor_parallel=4)

@@ -5,6 +5,7 @@ toy runner whose "device objects" are plain Python objects, so the protocol itse
 from __future__ import annotations
 
 import gc
+import socket
 import threading
 import time
 import weakref
@@ -13,6 +14,8 @@ import pytest
 from test_distributed import free_port_pair
 
 from mrs import distributed
+
+TOKEN = b"t" * 32
 
 
 class Device:
@@ -26,6 +29,7 @@ class Device:
 class ToyRunner:
     def __init__(self, side: str, calls: list, live: weakref.WeakSet, slow_boom: float = 0.0):
         self.side, self.calls, self.live, self.slow_boom = side, calls, live, slow_boom
+        live.add(self)                  # a runner counts as held too (a model's weights)
 
     def make(self, n: int) -> Device:
         self.calls.append(("make", n))
@@ -58,7 +62,7 @@ class Toy:
 class Group:
     """A leader and one follower thread; ``stopped`` collects what would have ended the process."""
 
-    def __init__(self, monkeypatch, follower_boom: float = 0.0, leader_boom: float = 0.0):
+    def __init__(self, monkeypatch, follower_boom: float = 0.0, leader_boom: float = 0.0, strangers: int = 0):
         self.stopped: list[str] = []
         monkeypatch.setattr(distributed, "stop", self.stopped.append)
         monkeypatch.setattr(distributed, "_holds_device_arrays", lambda value: isinstance(value, Device))
@@ -66,13 +70,39 @@ class Group:
         self.leader_live, self.follower_live = weakref.WeakSet(), weakref.WeakSet()
         port = free_port_pair()
         follower_group = distributed.Group(f"127.0.0.1:{port}", 2, 1)
-        self.follower = threading.Thread(target=distributed.follow, daemon=True, args=(
-            follower_group, lambda ref: Toy(ToyRunner("follower", self.follower_calls, self.follower_live,
-                                                      follower_boom))))
+        def follow():
+            time.sleep(0.5 if strangers else 0)         # strangers knock first
+            distributed.follow(follower_group, lambda ref: Toy(ToyRunner(
+                "follower", self.follower_calls, self.follower_live, follower_boom)), token=TOKEN)
+
+        self.follower = threading.Thread(target=follow, daemon=True)
+        self.strangers = [threading.Thread(target=self._stranger, args=(port + 1, i), daemon=True)
+                          for i in range(strangers)]
+        for stranger in self.strangers:
+            stranger.start()
         self.follower.start()
-        self.leader = distributed.Leader(distributed.Group(f"127.0.0.1:{port}", 2, 0))
+        self.leader = distributed.Leader(distributed.Group(f"127.0.0.1:{port}", 2, 0), token=TOKEN)
         self.model = self.leader.load(lambda ref: Toy(ToyRunner("leader", self.leader_calls, self.leader_live,
                                                                 leader_boom)), "toy")
+
+    @staticmethod
+    def _stranger(port: int, kind: int) -> None:
+        """Someone else on the mirror port: a wrong token, a right token with a number not in
+        the group, a pickle, silence."""
+        hellos = [distributed.HELLO + b"x" * 32 + b"\0\0\0\1", distributed.HELLO + TOKEN + b"\0\0\0\7",
+                  b"\x80\x04K\x01."]
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        with sock:
+            if kind < len(hellos):
+                sock.sendall(hellos[kind])
+            time.sleep(1.0)
 
     def close(self) -> None:
         self.leader.close()
@@ -111,11 +141,11 @@ def test_the_follower_makes_every_call_on_its_own_objects_and_frees_those_the_le
     runner.value(a)                                 # the follower ran these calls in this order
     assert g.wait_for(lambda: len(g.follower_calls) == len(g.leader_calls))
     assert g.follower_calls == g.leader_calls
-    assert len(g.follower_live) == 6
+    assert len(g.follower_live) == 7           # the runner and six device objects
     del a, total, parts
     gc.collect()
     runner.value(b)                                 # frees travel with the next message
-    assert g.wait_for(lambda: len(g.follower_live) == 1), len(g.follower_live)
+    assert g.wait_for(lambda: len(g.follower_live) == 2), len(g.follower_live)
     assert not g.stopped
 
 
@@ -133,7 +163,32 @@ def test_a_follower_failing_a_call_the_leader_made_stops_the_group_even_when_its
 def test_a_follower_failing_while_the_leaders_call_still_runs_stops_the_group_when_it_ends(group):
     g = group(leader_boom=0.5)
     assert g.model.runner.boom("follower") == 1
-    assert g.stopped and "boom on the follower" in g.stopped[0]
+    assert g.wait_for(lambda: g.stopped) and "boom on the follower" in g.stopped[0]
+
+
+def test_a_call_that_fails_on_the_leader_only_stops_the_group(group):
+    g = group(follower_boom=0.3)        # the follower's call succeeds, later than the leader's fails
+    with pytest.raises(ValueError, match="boom on the leader"):
+        g.model.runner.boom("leader")
+    assert g.stopped and "not on process 1" in g.stopped[0], g.stopped
+
+
+def test_a_model_the_leader_drops_is_released_on_the_followers_while_idle(group):
+    g = group()
+    second = g.leader.load(lambda ref: Toy(ToyRunner("leader", [], weakref.WeakSet())), "second")
+    kept = second.runner.make(9)
+    assert g.wait_for(lambda: len(g.follower_live) == 3)       # two runners and one device object
+    del second, kept
+    gc.collect()                        # no call follows: the frees go out on their own
+    assert g.wait_for(lambda: len(g.follower_live) == 1, 5), "the follower still holds the dropped model"
+
+
+def test_only_a_process_of_the_group_is_let_in(group):
+    g = group(strangers=4)
+    runner = g.model.runner
+    assert runner.value(runner.make(6)) == 6
+    assert g.wait_for(lambda: g.follower_calls == g.leader_calls)
+    assert not g.stopped
 
 
 def test_a_call_that_fails_everywhere_is_the_callers_error_and_the_group_goes_on(group):

@@ -140,13 +140,27 @@ def test_requests_with_different_prompts_spread_over_both_replicas(balanced):
     assert sum(spread) == 12 and min(spread) >= 2, spread
 
 
-def test_each_conversation_stays_on_one_replica_which_reuses_its_prefix(balanced):
+def test_the_same_prompt_goes_to_the_same_replica(balanced):
+    replicas = balanced["replicas"]
+    with httpx.Client(base_url=balanced["url"], timeout=120) as client:
+        for prompt in ("A prompt sent four times", "Another prompt sent four times"):
+            before = [counts(r) for r in replicas]
+            for _ in range(4):
+                assert client.post("/api/generate", json={"model": LLAMA, "prompt": prompt, "stream": False,
+                                                          "options": OPTIONS}).status_code == 200
+            assert sorted(served(replicas, before, "/api/generate")) == [0, 4]
+
+
+@pytest.mark.parametrize("system", [None, "You are a helpful assistant who answers briefly."])
+def test_each_conversation_stays_on_one_replica_which_reuses_its_prefix(balanced, system):
+    """With or without a system prompt that every conversation shares: they still spread."""
     replicas = balanced["replicas"]
     homes = set()
     with httpx.Client(base_url=balanced["url"], timeout=120) as client:
         for n in range(6):
             before = [counts(r) for r in replicas]
-            messages = [{"role": "user", "content": f"Conversation {n} begins with a question about rivers"}]
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": f"Conversation {n} begins with a question about rivers"})
             for turn in range(3):
                 r = client.post("/api/chat", json={"model": LLAMA, "messages": messages, "stream": False,
                                                   "options": OPTIONS})

@@ -25,7 +25,7 @@ from mrs.archs.layers import swap_linears
 from mrs.archs.quantized import quantized_variant
 from mrs.backends.jax import executables
 from mrs.backends.jax.executables import StoredStep
-from mrs.backends.jax.group import holds_device_values  # noqa: F401  (the protocol's)
+from mrs.backends.jax.group import holds_device_values, share_token  # noqa: F401  (the protocol's)
 from mrs.backends.jax.group import join as join_group  # noqa: F401
 from mrs.backends.jax.layout import Layout, split_variant
 from mrs.backends.jax.pooling import pool
@@ -118,6 +118,9 @@ def load(path: Path, family: Family, config: Any, *, dtype: str | None = None, d
     dev = pick_device(device)
     jdtype = pick_dtype(dtype, dev)
     model_cls = archs.model_class(family.name)
+    if jax.process_count() > 1 and tensor_parallel != jax.device_count():
+        raise MrsError(f"in a group of {jax.process_count()} processes a model spans all {jax.device_count()} "
+                       f"devices: --tensor-parallel {jax.device_count()}, not {tensor_parallel}")
     plan = shard.plan(config, tensor_parallel)
     layout = Layout(plan, dev)
     checkpoint_config, config = config, shard.running_config(config, plan)
@@ -335,7 +338,7 @@ class JaxRunner:
             self._encoders[pooling] = StoredStep(f"encode {pooling!r}", jax.jit(encode), self.device, self.identity,
                                                  lambda a: f"the encoder over {a[1].shape[0]}x{a[1].shape[1]} tokens")
         pooled = self._encoders[pooling](self.params, np.asarray(tokens, np.int32), np.asarray(mask, bool))
-        return np.asarray(pooled, np.float32)
+        return self.layout.host(pooled).astype(np.float32)
 
     def compiled_count(self) -> int:
         return sum(f._cache_size() for f in self._encoders.values())

@@ -40,6 +40,18 @@ def join(coordinator: str | None, num_processes: int | None, process_id: int | N
     return coordinator, jax.process_count(), jax.process_index()
 
 
+def share_token(token: bytes | None, timeout_seconds: int) -> bytes:
+    """The leader's secret for the mirror's handshake (mrs/distributed.py), through
+    jax.distributed's own key-value store: the leader passes it, the others get it."""
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if token is not None:
+        client.key_value_set_bytes("mrs/mirror-token", token)
+        return token
+    return client.blocking_key_value_get_bytes("mrs/mirror-token", timeout_seconds * 1000)
+
+
 def holds_device_values(value: Any) -> bool:
     """Whether ``value`` (any pytree) holds a jax array."""
     return any(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(value))
