@@ -424,30 +424,26 @@ def _holds_device_arrays(value: Any) -> bool:
     return _group_backend().holds_device_values(value)
 
 
-def _to_wire(value: Any) -> Any:
-    if isinstance(value, Mirrored):
-        return Ref(value._id)
+def _each_leaf(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied inside its tuples (NamedTuples too), lists and dicts."""
     if isinstance(value, tuple):
-        items = [_to_wire(v) for v in value]
+        items = [_each_leaf(v, leaf) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
-        return [_to_wire(v) for v in value]
+        return [_each_leaf(v, leaf) for v in value]
     if isinstance(value, dict):
-        return {k: _to_wire(v) for k, v in value.items()}
-    return value
+        return {k: _each_leaf(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
+def _to_wire(value: Any) -> Any:
+    """Call arguments as sent: each handle as the number the followers know its object by."""
+    return _each_leaf(value, lambda v: Ref(v._id) if isinstance(v, Mirrored) else v)
 
 
 def _unwrap(value: Any) -> Any:
-    if isinstance(value, Mirrored):
-        return value._real
-    if isinstance(value, tuple):
-        items = [_unwrap(v) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, list):
-        return [_unwrap(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _unwrap(v) for k, v in value.items()}
-    return value
+    """Call arguments as the leader's own objects take them."""
+    return _each_leaf(value, lambda v: v._real if isinstance(v, Mirrored) else v)
 
 
 # --- a follower ---------------------------------------------------------------------------
@@ -519,13 +515,5 @@ def _run(call: list, objects: dict[int, Any]) -> None:
 
 
 def _resolve(value: Any, objects: dict[int, Any]) -> Any:
-    if isinstance(value, Ref):
-        return objects[value.id]
-    if isinstance(value, tuple):
-        items = [_resolve(v, objects) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, list):
-        return [_resolve(v, objects) for v in value]
-    if isinstance(value, dict):
-        return {k: _resolve(v, objects) for k, v in value.items()}
-    return value
+    """Call arguments as received, each number replaced by this process's object."""
+    return _each_leaf(value, lambda v: objects[v.id] if isinstance(v, Ref) else v)

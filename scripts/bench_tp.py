@@ -67,12 +67,15 @@ def child(folder: str, tp: int, batches: list[int], new_tokens: int, prompt_len:
 
 
 def free_port_pair() -> int:
+    """A free port p with p + 1 free too: a group's coordinator and its leader's mirror."""
     import socket
 
     for _ in range(50):
         with socket.socket() as a:
             a.bind(("127.0.0.1", 0))
             port = a.getsockname()[1]
+        if port >= 65535:
+            continue
         try:
             with socket.socket() as b:
                 b.bind(("127.0.0.1", port + 1))

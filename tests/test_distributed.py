@@ -77,18 +77,9 @@ def wide(tmp_path_factory) -> Path:
 
 def free_port_pair() -> int:
     """A port p with p + 1 free as well (the coordinator, and the leader's mirror channel)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free pair of ports")
+    from conftest import load_script
+
+    return load_script("bench_tp").free_port_pair()
 
 
 def start(model: Path, home: Path, log: Path, devices: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
