@@ -552,15 +552,16 @@ class CLI(TrainCommands):
             raise MrsError(f"the HTTP server is not available in this build ({e})") from e
         if group is not None:
             import mrs
+            from mrs import mirror
 
             group = distributed.join(group)
             if not group.leader:
                 print(f"mrs process {group.process_id} of {group.num_processes} following {group.coordinator}",
                       file=sys.stderr, flush=True)
-                distributed.follow(group, mrs.load)     # until the leader stops
+                mirror.follow(group, mrs.load)     # until the leader stops
                 sys.stderr.flush()
                 os._exit(0)     # as the leader does: jax's shutdown barrier would wait for it
-            leader = distributed.Leader(group)
+            leader = mirror.Leader(group)
             code = 1
             try:
                 serve(settings, models=refs, preload=preload, adapter=lora,

@@ -9,7 +9,7 @@ machines drift). On a CPU the devices are simulated
 (``--xla_force_host_platform_device_count``) and share the same cores, so the figures show
 the split's overhead (collectives, smaller matmuls), not a speed-up; on a machine with
 several accelerators they are real. With ``--hosts``, each TP degree also runs over that
-many processes joined on loopback (mrs/distributed.py: the leader mirrors every call to the
+many processes joined on loopback (mrs/mirror.py: the leader mirrors every call to the
 others), which shows what the mirror costs. Prints tok/s at batch 1 and 8 (medians) and the
 leader's peak RSS.
 """
@@ -39,13 +39,13 @@ def child(folder: str, tp: int, batches: list[int], new_tokens: int, prompt_len:
     if group is None:
         model = mrs.load(folder, tensor_parallel=tp)
     else:
-        from mrs import distributed
+        from mrs import distributed, mirror
 
         joined = distributed.join(distributed.Group(*group))
         if not joined.leader:
-            distributed.follow(joined, mrs.load)
+            mirror.follow(joined, mrs.load)
             os._exit(0)
-        leader = distributed.Leader(joined)
+        leader = mirror.Leader(joined)
         model = leader.load(mrs.load, folder, tensor_parallel=tp)
     rng = np.random.default_rng(0)
     vocab = model.runner.vocab_size

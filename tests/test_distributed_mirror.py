@@ -1,4 +1,4 @@
-"""The leader's mirror (mrs/distributed.py) in one process: a follower thread on loopback and a
+"""The leader's mirror (mrs/mirror.py) in one process: a follower thread on loopback and a
 toy runner whose "device objects" are plain Python objects, so the protocol itself is tested
 (numbering, frees, failures that diverge, a failure during a load) without jax."""
 
@@ -13,7 +13,7 @@ import weakref
 import pytest
 from test_distributed import free_port_pair
 
-from mrs import distributed
+from mrs import distributed, mirror
 
 TOKEN = b"t" * 32
 
@@ -64,15 +64,15 @@ class Group:
 
     def __init__(self, monkeypatch, follower_boom: float = 0.0, leader_boom: float = 0.0, strangers: int = 0):
         self.stopped: list[str] = []
-        monkeypatch.setattr(distributed, "stop", self.stopped.append)
-        monkeypatch.setattr(distributed, "_holds_device_arrays", lambda value: isinstance(value, Device))
+        monkeypatch.setattr(mirror, "stop", self.stopped.append)
+        monkeypatch.setattr(mirror, "_holds_device_arrays", lambda value: isinstance(value, Device))
         self.leader_calls, self.follower_calls = [], []
         self.leader_live, self.follower_live = weakref.WeakSet(), weakref.WeakSet()
         port = free_port_pair()
         follower_group = distributed.Group(f"127.0.0.1:{port}", 2, 1)
         def follow():
             time.sleep(0.5 if strangers else 0)         # strangers knock first
-            distributed.follow(follower_group, lambda ref: Toy(ToyRunner(
+            mirror.follow(follower_group, lambda ref: Toy(ToyRunner(
                 "follower", self.follower_calls, self.follower_live, follower_boom)), token=TOKEN)
 
         self.follower = threading.Thread(target=follow, daemon=True)
@@ -81,7 +81,7 @@ class Group:
         for stranger in self.strangers:
             stranger.start()
         self.follower.start()
-        self.leader = distributed.Leader(distributed.Group(f"127.0.0.1:{port}", 2, 0), token=TOKEN)
+        self.leader = mirror.Leader(distributed.Group(f"127.0.0.1:{port}", 2, 0), token=TOKEN)
         self.model = self.leader.load(lambda ref: Toy(ToyRunner("leader", self.leader_calls, self.leader_live,
                                                                 leader_boom)), "toy")
 
@@ -89,7 +89,7 @@ class Group:
     def _stranger(port: int, kind: int) -> None:
         """Someone else on the mirror port: a wrong token, a right token with a number not in
         the group, a pickle, silence."""
-        hellos = [distributed.HELLO + b"x" * 32 + b"\0\0\0\1", distributed.HELLO + TOKEN + b"\0\0\0\7",
+        hellos = [mirror.HELLO + b"x" * 32 + b"\0\0\0\1", mirror.HELLO + TOKEN + b"\0\0\0\7",
                   b"\x80\x04K\x01."]
         deadline = time.monotonic() + 10
         while True:

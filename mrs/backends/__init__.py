@@ -12,7 +12,7 @@ small protocol below, never jax or mlx. A backend implements it once:
   split over N devices, mrs/shard.py) and its Runner says ``tensor_parallel``;
 - optionally ``join_group(coordinator, num_processes, process_id, ...)``,
   ``share_token(token, timeout)`` and ``holds_device_values(value)``, where one model can
-  span several processes (mrs/distributed.py: the leader mirrors every runner call to the
+  span several processes (mrs/distributed.py, mrs/mirror.py: the leader mirrors every runner call to the
   others); ``cache_max_len``, ``cache_lengths``, ``rewindable`` and ``compiled_count`` then
   run on the leader alone, so they must launch no device program;
 - optionally ``quantized_kernel(device)`` (the kernel's name, or None where quantized

@@ -52,7 +52,7 @@ def build_app(settings: Settings, models: Sequence[str] = (), preload: bool = Fa
               adapter: Path | None = None, loader: Any = None) -> Sanic:
     """A Sanic app serving ``settings.home``; ``models`` are the defaults (and preloaded with
     ``preload``); ``adapter``, a LoRA adapter folder, is merged into the first of them at load;
-    ``loader`` replaces ``mrs.load`` (a group's leader loads on every process: mrs/distributed.py)."""
+    ``loader`` replaces ``mrs.load`` (a group's leader loads on every process: mrs/mirror.py)."""
     name = "mrs" if "mrs" not in Sanic._app_registry else f"mrs_{next(_names)}"
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes

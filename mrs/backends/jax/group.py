@@ -23,7 +23,7 @@ def join(coordinator: str | None, num_processes: int | None, process_id: int | N
     # Every process must launch the same program under the same id. jax derives the id from
     # the executable's fingerprint, which covers the source locations in the program; the
     # leader and its followers trace each step from different call stacks (the server's
-    # batcher there, mrs/distributed.py's loop here), so tracebacks stay out of locations.
+    # batcher there, mrs/mirror.py's loop here), so tracebacks stay out of locations.
     # With them in, jax 0.12's launches never met: every device waited in its first all-reduce.
     jax.config.update("jax_include_full_tracebacks_in_locations", False)
     jax.config.update("jax_traceback_in_locations_limit", 0)
@@ -41,7 +41,7 @@ def join(coordinator: str | None, num_processes: int | None, process_id: int | N
 
 
 def share_token(token: bytes | None, timeout_seconds: int) -> bytes:
-    """The leader's secret for the mirror's handshake (mrs/distributed.py), through
+    """The leader's secret for the mirror's handshake (mrs/mirror.py), through
     jax.distributed's own key-value store: the leader passes it, the others get it."""
     from jax._src import distributed
 

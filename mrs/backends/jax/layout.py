@@ -105,7 +105,7 @@ class Layout:
 
     @staticmethod
     def _global(host: np.ndarray, sharding: Any) -> jax.Array:
-        """A host array placed by ``sharding``; across processes (mrs/distributed.py) each puts
+        """A host array placed by ``sharding``; across processes (mrs/mirror.py) each puts
         only its own devices' blocks, all from the same value."""
         if jax.process_count() == 1:
             return jax.device_put(host, sharding)
