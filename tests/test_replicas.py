@@ -132,12 +132,14 @@ def test_requests_with_different_prompts_spread_over_both_replicas(balanced):
     replicas = balanced["replicas"]
     before = [counts(r) for r in replicas]
     with httpx.Client(base_url=balanced["url"], timeout=120) as client:
-        for i in range(12):
+        for i in range(24):
             r = client.post("/api/generate", json={"model": LLAMA, "prompt": f"Request number {i} asks",
                                                   "stream": False, "options": OPTIONS})
             assert r.status_code == 200, r.text
     spread = served(replicas, before, "/api/generate")
-    assert sum(spread) == 12 and min(spread) >= 2, spread
+    # Which key lands where depends on the replicas' ports (nginx hashes their addresses): with
+    # 24 keys, fewer than 3 on one side has a chance of about 4e-5.
+    assert sum(spread) == 24 and min(spread) >= 3, spread
 
 
 def test_the_same_prompt_goes_to_the_same_replica(balanced):
@@ -153,22 +155,23 @@ def test_the_same_prompt_goes_to_the_same_replica(balanced):
 
 @pytest.mark.parametrize("system", [None, "You are a helpful assistant who answers briefly."])
 def test_each_conversation_stays_on_one_replica_which_reuses_its_prefix(balanced, system):
-    """With or without a system prompt that every conversation shares: they still spread."""
+    """With or without a system prompt that every conversation shares: they still spread
+    (16 conversations: all on one replica by chance has odds of 2 ** -15)."""
     replicas = balanced["replicas"]
     homes = set()
     with httpx.Client(base_url=balanced["url"], timeout=120) as client:
-        for n in range(6):
+        for n in range(16):
             before = [counts(r) for r in replicas]
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": f"Conversation {n} begins with a question about rivers"})
-            for turn in range(3):
+            for turn in range(2):
                 r = client.post("/api/chat", json={"model": LLAMA, "messages": messages, "stream": False,
                                                   "options": OPTIONS})
                 assert r.status_code == 200, r.text
                 messages += [r.json()["message"], {"role": "user", "content": f"and then question {turn}?"}]
             where = served(replicas, before, "/api/chat")
-            assert sorted(where) == [0, 3], f"conversation {n} moved between replicas: {where}"
-            home = where.index(3)
+            assert sorted(where) == [0, 2], f"conversation {n} moved between replicas: {where}"
+            home = where.index(2)
             homes.add(home)
             assert reused(replicas, before)[home] > 0, "its later turns did not reuse the cached prefix"
     assert homes == {0, 1}, "every conversation went to one replica"
@@ -178,15 +181,15 @@ def test_a_client_affinity_header_outranks_the_prompt(balanced):
     replicas = balanced["replicas"]
     with httpx.Client(base_url=balanced["url"], timeout=120) as client:
         places = []
-        for key in ("session-a", "session-b", "session-c", "session-d"):
+        for key in [f"session-{n}" for n in range(16)]:      # all on one replica: odds of 2 ** -15
             before = [counts(r) for r in replicas]
-            for i in range(3):
+            for i in range(2):
                 r = client.post("/api/generate", headers={"X-Mrs-Affinity": key}, json={
                     "model": LLAMA, "prompt": f"Unrelated prompt {i} of {key}", "stream": False, "options": OPTIONS})
                 assert r.status_code == 200
             where = served(replicas, before, "/api/generate")
-            assert sorted(where) == [0, 3], where
-            places.append(where.index(3))
+            assert sorted(where) == [0, 2], where
+            places.append(where.index(2))
     assert set(places) == {0, 1}
 
 
