@@ -77,21 +77,10 @@ class Ref:
     id: int
 
 
-def _is_plain(value: Any) -> bool:
-    return isinstance(value, PLAIN)
-
-
 def number_results(value: Any, next_id: Callable[[], int], keep: Callable[[int, Any], Any]) -> Any:
-    """Walk a call's result in a fixed order: plain values stay; each device object gets the
-    next number and becomes ``keep(number, object)``; tuples (NamedTuples too) and lists are walked."""
-    if _is_plain(value):
-        return value
-    if isinstance(value, tuple):
-        items = [number_results(v, next_id, keep) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    if isinstance(value, list):
-        return [number_results(v, next_id, keep) for v in value]
-    return keep(next_id(), value)
+    """Walk a call's result in a fixed order (``_each_leaf``'s): plain values stay; each device
+    object gets the next number and becomes ``keep(number, object)``."""
+    return _each_leaf(value, lambda v: v if isinstance(v, PLAIN) else keep(next_id(), v))
 
 
 # --- the leader ---------------------------------------------------------------------------
